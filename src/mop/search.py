@@ -1,0 +1,286 @@
+"""The MoP search (Algorithm 1 of the paper): at every iteration build a depth candidate (one layer removed)
+and a width candidate (the same number of parameters removed uniformly by AMP), let the path criterion pick
+one, and repeat until every target compression is reached; a checkpoint is written at each target."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from mop import data
+from mop.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
+from mop.errors import MopError
+from mop.models import LoadedModel, count_params, embedding_params, layer_params, save_checkpoint
+from mop.state import RunState
+from mop.surgery import prune_width, remove_layer, structural_copy
+from mop.tuning import LoraSettings, lora_tuned
+from mop.width import WidthPlan, lowest_units, plan_width
+
+log = logging.getLogger(__name__)
+MODES = ("mop", "depth", "width")
+
+
+@dataclass
+class SearchConfig:
+    targets: list[float]
+    mode: str = "mop"
+    layer_criterion: str = "third_to_last"
+    width_criterion: str = "amp"
+    path_criterion: str = "random"
+    seed: int = 0
+    calib: str = "alpaca"  # AMP and block-influence prompts
+    calib_samples: int = 128
+    calib_max_length: int = 512
+    batch_size: int = 8  # prompts per scoring forward pass
+    path_data: str = "wikitext2"  # cosine / kl texts and ppl text
+    path_samples: int = 128
+    path_max_length: int = 512
+    ppl_segment_length: int = 2048
+    ppl_segments: int | None = None  # None: the whole split
+    tune_data: str = "alpaca"
+    tune_steps_per_iteration: int = 10  # iteration t tunes each candidate for this × t steps
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self) -> None:
+        for target in self.targets:
+            if not 0 < target < 1:
+                raise MopError(f"target {target} is outside (0, 1)")
+        if not self.targets:
+            raise MopError("give at least one --target")
+        for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
+                                      ("width criterion", self.width_criterion, WIDTH_CRITERIA),
+                                      ("path criterion", self.path_criterion, PATH_CRITERIA)):
+            if value not in registry:
+                raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
+
+    def identity(self) -> dict:
+        """Everything that decides the path; the targets only decide where it stops."""
+        return {k: v for k, v in asdict(self).items() if k != "targets"}
+
+
+def target_name(target: float) -> str:
+    return f"target-{round(target * 100):02d}"
+
+
+def versions() -> dict:
+    names = ("mixture-of-pruners", "torch", "transformers", "peft", "accelerate")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+class Search:
+    """One MoP run on one loaded model. `run()` resumes from `out/run.json` when it exists."""
+
+    def __init__(self, loaded: LoadedModel, config: SearchConfig, out: Path):
+        config.validate()
+        self.loaded, self.config, self.out = loaded, config, out
+        self.adapter = loaded.adapter
+        self.model = loaded.model
+        self.path = PATH_CRITERIA[config.path_criterion]
+        self.original_params = count_params(self.model)
+        self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
+        self._check_reachable()
+        RunState.check(out, self.identity)  # fail before any long work if --out holds another run
+        self.calibration = self._calibration()
+        self.tune_rows = self._tune_rows() if self._scores_candidates else []
+        self.reference = self._reference() if self._scores_candidates else PathReference()
+        self.carry = 0.0  # attention accumulator, groups per layer (see mop.width)
+
+    # ------------------------------------------------------------ inputs
+
+    @property
+    def _scores_candidates(self) -> bool:
+        return self.config.mode == "mop" and self.path.score is not None
+
+    def _texts_or_samples(self, spec: str, n: int, length: int) -> list[str]:
+        try:
+            return data.load_calibration(spec)
+        except data.DataUnavailable as error:
+            log.warning("%s", error)
+            return data.sample_texts_from_model(self.model, self.loaded.tokenizer, n, length, self.config.seed)
+
+    def _calibration(self) -> list[data.Batch]:
+        c = self.config
+        texts = data.sample(self._texts_or_samples(c.calib, c.calib_samples, c.calib_max_length), c.calib_samples, c.seed)
+        return data.text_batches(self.loaded.tokenizer, texts, c.calib_max_length, c.batch_size)
+
+    def _tune_rows(self) -> list:
+        c = self.config
+        try:
+            examples = data.load_examples(c.tune_data)
+        except data.DataUnavailable as error:
+            log.warning("%s", error)
+            texts = data.sample_texts_from_model(self.model, self.loaded.tokenizer, 64, c.lora.max_length, c.seed)
+            examples = [data.Example("", text) for text in texts]
+        rows = data.sft_rows(self.loaded.tokenizer, examples, c.lora.max_length)
+        if not rows:
+            raise MopError(f"{c.tune_data}: no row keeps a response token within {c.lora.max_length} tokens")
+        return rows
+
+    def _reference(self) -> PathReference:
+        """F's outputs on the path data, computed once per run."""
+        c, tokenizer = self.config, self.loaded.tokenizer
+        if self.path.needs == "segments":
+            texts = self._texts_or_samples(c.path_data, c.path_samples, c.ppl_segment_length)
+            return PathReference(segments=data.token_segments(tokenizer, texts, c.ppl_segment_length, c.ppl_segments))
+        texts = data.sample(self._texts_or_samples(c.path_data, c.path_samples, c.path_max_length), c.path_samples, c.seed)
+        batches = data.text_batches(tokenizer, texts, c.path_max_length, c.batch_size)
+        return build_reference(self.model, self.adapter, batches, [])
+
+    def _check_reachable(self) -> None:
+        """Refuse targets the mode cannot reach: depth keeps 2 layers, width keeps 1 group and 1 neuron a layer."""
+        layers = self.adapter.layers(self.model)
+        shape = self.adapter.shape(self.model)
+        full = layer_params(layers[0])
+        thinnest = full - (shape.kv_heads - 1) * shape.group_params - (shape.intermediate - 1) * shape.neuron_params
+        rest = self.original_params - len(layers) * full
+        floor = {"depth": rest + 2 * full, "width": rest + len(layers) * thinnest, "mop": rest + 2 * thinnest}
+        most = 1 - floor[self.config.mode] / self.original_params
+        for target in self.config.targets:
+            if target > most:
+                raise MopError(f"target {target} cannot be reached in mode {self.config.mode}: at most {most:.3f}")
+
+    # ------------------------------------------------------------ one iteration
+
+    def _width_candidate(self, model: nn.Module, plan: WidthPlan, in_place: bool) -> tuple[nn.Module, dict]:
+        scores = WIDTH_CRITERIA[self.config.width_criterion](model, self.adapter, self.calibration)
+        groups, neurons = lowest_units(scores, plan)
+        candidate = model if in_place else structural_copy(model)
+        prune_width(candidate, self.adapter, groups, neurons)
+        return candidate, {"groups": groups, "neurons": neurons}
+
+    def _depth_candidate(self, model: nn.Module, layer: int, in_place: bool) -> nn.Module:
+        candidate = model if in_place else structural_copy(model)
+        remove_layer(candidate, self.adapter, layer)
+        return candidate
+
+    def _score(self, candidate: nn.Module, iteration: int, branch: str) -> float:
+        """Short LoRA tuning (tune_steps_per_iteration × t steps on this iteration's subset), then the path score."""
+        c = self.config
+        steps = c.tune_steps_per_iteration * iteration
+        seed = hash_seed(c.seed, iteration)
+        rows = data.sample(self.tune_rows, steps * c.lora.batch_size, seed) if steps else []
+        pad = self.loaded.tokenizer.pad_token_id
+        with lora_tuned(candidate, rows or self.tune_rows, c.lora, steps, pad, seed, f"tune {branch} (t={iteration})") as tuned:
+            return self.path.score(tuned, self.adapter, self.reference)
+
+    def step(self, model: nn.Module, iteration: int) -> tuple[nn.Module, dict]:
+        """One iteration of Algorithm 1 on `model` (F^(t-1)); returns F^(t) and the iteration's record."""
+        started = time.perf_counter()
+        c, adapter = self.config, self.adapter
+        layers = adapter.layers(model)
+        params_before = count_params(model)
+        layer = LAYER_CRITERIA[c.layer_criterion](model, adapter, self.calibration)  # ℓ*
+        p_layer = layer_params(layers[layer])  # p_ℓ; c_t = p_ℓ / P(F^(t-1))
+        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry)
+        options = [b for b, ok in (("W", c.mode != "depth" and plan.achieved > 0),
+                                   ("D", c.mode != "width" and len(layers) > 2)) if ok]
+        if not options:
+            raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
+        scores = None
+        if len(options) == 1 or not self._scores_candidates:
+            if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
+                choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
+            else:
+                choice, decided_by = coin(c.seed, iteration), c.path_criterion
+            if choice == "W":
+                model, removed = self._width_candidate(model, plan, in_place=True)
+            else:
+                model = self._depth_candidate(model, layer, in_place=True)
+        else:
+            width, removed = self._width_candidate(model, plan, in_place=False)
+            depth = self._depth_candidate(model, layer, in_place=False)
+            scores = {"W": self._score(width, iteration, "width"), "D": self._score(depth, iteration, "depth")}
+            choice, decided_by = ("W" if scores["W"] <= scores["D"] else "D"), c.path_criterion
+            model = width if choice == "W" else depth
+        if choice == "W":
+            self.carry = plan.carry_out
+        params = count_params(model)
+        record = {
+            "iteration": iteration, "choice": choice, "decided_by": decided_by, "layer": layer,
+            "layer_params": p_layer, "step_ratio": p_layer / params_before, "width_plan": plan.record(),
+            "scores": scores, "params_before": params_before, "params": params,
+            "compression": 1 - params / self.original_params, "seconds": round(time.perf_counter() - started, 3),
+            "removed": removed if choice == "W" else {"layer": layer},
+        }
+        return model, record
+
+    def replay(self, record: dict) -> None:
+        """Apply a logged iteration again (resume): the same indices give bitwise the same weights."""
+        removed = record["removed"]
+        if record["choice"] == "W":
+            prune_width(self.model, self.adapter, removed["groups"], removed["neurons"])
+            self.carry = record["width_plan"]["carry_out"]
+        else:
+            remove_layer(self.model, self.adapter, removed["layer"])
+        if count_params(self.model) != record["params"]:
+            raise MopError(f"{self.out}/run.json does not replay on this model (iteration {record['iteration']})")
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> RunState:
+        header = {"source": {"name": self.loaded.name, "sha256": self.loaded.weights_sha256,
+                             "architecture": type(self.model).__name__},
+                  "original_params": self.original_params,
+                  "original_embedding_params": embedding_params(self.model), "versions": versions()}
+        state = RunState.open(self.out, self.identity, header)
+        for record in state.iterations:
+            self.replay(record)
+        self._save_reached(state)
+        goal = (1 - max(self.config.targets)) * self.original_params
+        bar = tqdm(total=round(100 * max(self.config.targets), 1), desc="MoP search (% compression)", unit="%")
+        bar.update(round(100 * (1 - count_params(self.model) / self.original_params), 1))
+        while count_params(self.model) > goal:
+            iteration = len(state.iterations) + 1
+            self.model, record = self.step(self.model, iteration)
+            state.iterations.append(record)
+            self._save_reached(state)
+            state.save()
+            bar.update(min(round(100 * record["compression"], 1) - bar.n, bar.total - bar.n))
+            bar.set_postfix(path="".join(r["choice"] for r in state.iterations))
+        bar.close()
+        self.loaded.model = self.model
+        state.save()
+        return state
+
+    def _save_reached(self, state: RunState) -> None:
+        """Write a checkpoint for each target the current model reaches and that has none yet."""
+        params = count_params(self.model)
+        for target in sorted(self.config.targets):
+            name = target_name(target)
+            if params > (1 - target) * self.original_params or (self.out / name / "mop.json").exists():
+                continue
+            save_checkpoint(self.loaded, self.model, self.out / name, self.provenance(state, target))
+            state.targets[name] = {"target": target, "iteration": len(state.iterations), "params": params,
+                                   "compression": 1 - params / self.original_params}
+
+    def provenance(self, state: RunState, target: float) -> dict:
+        params = count_params(self.model)
+        embedded = state.header["original_embedding_params"]
+        return {
+            **state.header, "target": target, "mode": self.config.mode,
+            "criteria": {"layer": self.config.layer_criterion, "width": self.config.width_criterion,
+                         "path": self.config.path_criterion},
+            "seed": self.config.seed, "path": "".join(r["choice"] for r in state.iterations),
+            "params": params, "compression": 1 - params / self.original_params,
+            "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
+            "config": self.config.identity(),
+            "iterations": [{k: v for k, v in r.items() if k != "removed"} for r in state.iterations],
+        }
+
+
+def hash_seed(seed: int, iteration: int) -> int:
+    """A per-iteration seed: the tuning subset, LoRA init and dropout of iteration t depend on (seed, t) only."""
+    return (seed * 1_000_003 + iteration * 7919) % (2**31)
