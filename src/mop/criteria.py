@@ -21,7 +21,7 @@ from mop.data import Batch
 LAYER_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], int]] = {}
 WIDTH_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], list["UnitScores"]]] = {}
 PATH_CRITERIA: dict[str, "PathCriterion"] = {}
-CHUNK_ELEMENTS = 1 << 24  # bound on the temporary tensors of a scoring hook (elements)
+CHUNK_ELEMENTS = 1 << 22  # bound on the temporary tensors of a scoring hook (elements)
 
 
 def layer_criterion(name: str):
