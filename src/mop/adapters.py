@@ -150,9 +150,11 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     return ADAPTERS[name]
 
 
-def check_architecture(config: PretrainedConfig) -> None:
-    """Fail before loading weights when the config names an architecture we cannot prune."""
+def check_architecture(config: PretrainedConfig) -> str:
+    """The supported architecture a config names; fails before any weight is loaded if there is none."""
     names = config.architectures or []
-    if not any(name in ADAPTERS for name in names):
-        found = ", ".join(names) or config.model_type
-        raise MopError(f"unsupported architecture {found}; supported: {', '.join(sorted(ADAPTERS))}")
+    for name in names:
+        if name in ADAPTERS:
+            return name
+    found = ", ".join(names) or config.model_type
+    raise MopError(f"unsupported architecture {found}; supported: {', '.join(sorted(ADAPTERS))}")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+import transformers
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
 from mop.adapters import DecoderAdapter, adapter_for, check_architecture
 from mop.errors import MopError
@@ -99,6 +101,28 @@ def weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _load_unmapped(directory: Path, model_class, config, dtype: torch.dtype, device: str) -> nn.Module:
+    """Load with the weights read into process memory rather than memory-mapped from the checkpoint.
+
+    Pruning replaces most tensors; with a memory-mapped checkpoint, the file's pages stay resident (and counted)
+    as long as any tensor still points into the mapping, so the pruned copies would sit beside a full
+    original. Reading each tensor (cast to `dtype` as it is read) keeps the peak at one model.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:  # .bin checkpoints: transformers' own loader
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, device_map={"": device})
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a LLaMA-family causal LM for pruning; `device="auto"` spreads it with accelerate's device map."""
     if dtype not in DTYPES:
@@ -108,11 +132,13 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         config = AutoConfig.from_pretrained(directory)
     except Exception as error:
         raise MopError(f"{directory}/config.json cannot be read: {str(error).splitlines()[0]}") from None
-    check_architecture(config)
+    architecture = check_architecture(config)
     digest = weights_sha256(directory)
-    device_map = "auto" if device == "auto" else {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device_map=device_map)
+        if device == "auto":
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device_map="auto")
+        else:
+            model = _load_unmapped(directory, getattr(transformers, architecture), config, DTYPES[dtype], device)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as error:
         raise MopError(f"cannot load the model in {directory}: {str(error).splitlines()[0]}") from None
