@@ -24,7 +24,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for register in (register_prune,):
+        register(commands)
+    return parser
 
+
+def register_prune(commands) -> None:
     prune = commands.add_parser("prune", help="search a depth/width pruning path and write a checkpoint per target")
     _add_model_options(prune)
     prune.add_argument("--target", type=float, action="append", required=True,
@@ -50,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--tune-micro-batch-size", type=int, default=4)
     prune.add_argument("--tune-max-length", type=int, default=512)
     prune.set_defaults(handler=cmd_prune)
-    return parser
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

@@ -254,15 +254,20 @@ def kl_divergence(model: nn.Module, adapter: DecoderAdapter, reference: PathRefe
     return total / positions
 
 
-@path_criterion("ppl", needs="segments")
 @torch.no_grad()
-def perplexity(model: nn.Module, adapter: DecoderAdapter, reference: PathReference) -> float:
-    """Perplexity of the candidate on the calibration segments (WikiText-2 test, 2048 tokens each)."""
+def segments_perplexity(model: nn.Module, segments: list[torch.Tensor]) -> float:
+    """exp(mean next-token NLL) over token segments ([T] ids each, scored independently), as in the paper."""
     device = input_device(model)
     nll, tokens = 0.0, 0
-    for segment in reference.segments:
+    for segment in segments:
         ids = segment[None].to(device)
         loss = model(input_ids=ids, labels=ids).loss
         nll += loss.item() * (ids.shape[1] - 1)
         tokens += ids.shape[1] - 1
     return math.exp(nll / tokens)
+
+
+@path_criterion("ppl", needs="segments")
+def perplexity(model: nn.Module, adapter: DecoderAdapter, reference: PathReference) -> float:
+    """Perplexity of the candidate on the calibration segments (WikiText-2 test, 2048 tokens each)."""
+    return segments_perplexity(model, reference.segments)
