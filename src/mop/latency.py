@@ -1,0 +1,306 @@
+"""The paper's latency protocol (SPEC §4, paper §4.3): batch 1, a 12-token prompt, exactly 128 greedy tokens with
+the KV cache, 20 runs per model with the models alternating, the first 10 runs discarded, mean and std of the rest;
+speedup = baseline time / candidate time, measured in the same process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from rich.table import Table
+from transformers import DynamicCache
+
+from mop.criteria import input_device
+from mop.errors import MopError
+from mop.models import LoadedModel, count_params, load_model
+
+log = logging.getLogger(__name__)
+
+# The prompts are the first tokens of this passage (repeated as often as needed) as the tokenizer encodes it,
+# special tokens (BOS) included: the same ids for every model that shares the tokenizer.
+PROMPT_TEXT = (
+    "The old lighthouse stood on a rocky point at the edge of the bay, and for more than a century its keepers "
+    "climbed the narrow stairs every evening to light the lamp that guided fishing boats home through fog and storm. "
+)
+PROTOCOL = (
+    "batch 1; the fixed prompt is run through the model (prefill) and exactly new_tokens tokens are chosen greedily "
+    "(argmax over the whole vocabulary, EOS does not stop generation) with a transformers DynamicCache under "
+    "torch.inference_mode; prefill_s = prompt forward pass + first token, decode_ms_per_token = the other "
+    "new_tokens - 1 tokens' time / (new_tokens - 1), end_to_end_s = prefill_s + decode time; prefill throughput is "
+    "one forward pass over a prefill_tokens-long prompt; each run times every model once, in the given order on even "
+    "runs and reversed on odd runs; the first warmup runs of each model are discarded; mean and sample std "
+    "(n - 1) over the kept runs; speedup is baseline / candidate end-to-end time per run (same run index), "
+    "mean and std over the kept runs, and ratio_of_means = mean baseline time / mean candidate time"
+)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class LatencySettings:
+    runs: int = 20  # per model
+    warmup: int = 10  # first runs of each model that are discarded
+    prompt_tokens: int = 12
+    new_tokens: int = 128
+    prefill_tokens: int = 512  # prompt length of the prefill throughput measurement
+
+    def validate(self) -> None:
+        if self.runs - self.warmup < 2 or self.warmup < 0:
+            raise MopError(f"--warmup {self.warmup} must be in [0, runs - 2] (runs {self.runs}): "
+                           "mean and std need at least 2 kept runs")
+        if self.prompt_tokens < 1 or self.prefill_tokens < 1:
+            raise MopError("--prompt-tokens and --prefill-tokens must be at least 1")
+        if self.new_tokens < 2:
+            raise MopError(f"--new-tokens {self.new_tokens} must be at least 2 (one prefill token + decode)")
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [1, new_tokens]
+    prefill_s: float  # prompt forward pass + first token
+    decode_s: float  # the other new_tokens - 1 tokens
+    kv_cache_bytes: int  # keys and values held at the end
+
+
+@dataclass
+class Run:
+    prefill_s: float
+    decode_s: float
+    long_prefill_s: float  # one forward pass over the prefill_tokens-long prompt
+    kv_cache_bytes: int
+    cuda_peak_bytes: int | None  # peak CUDA memory allocated during the run above what was allocated before it
+
+    @property
+    def end_to_end_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def fixed_prompt(tokenizer, length: int) -> torch.Tensor:
+    """The first `length` ids of PROMPT_TEXT (repeated as needed) as `tokenizer` encodes it: [1, length]."""
+    text = PROMPT_TEXT
+    while len(ids := tokenizer(text)["input_ids"]) < length:
+        text += PROMPT_TEXT
+    return torch.tensor([ids[:length]])
+
+
+def _synced(clock: Clock, tensor: torch.Tensor) -> float:
+    """The clock, read once the device that holds `tensor` has finished its queued work."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return clock()
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
+@torch.inference_mode()
+def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter
+                    ) -> Generation:
+    """Exactly `new_tokens` greedy tokens after `prompt_ids` ([1, prompt_len], on the model's input device)."""
+    cache = DynamicCache(config=model.config)
+    started = _synced(clock, prompt_ids)
+    logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    prefilled = _synced(clock, token)
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    finished = _synced(clock, token)
+    return Generation(torch.cat(tokens, dim=1), prefilled - started, finished - prefilled, cache_bytes(cache))
+
+
+@torch.inference_mode()
+def timed_prefill(model: nn.Module, prompt_ids: torch.Tensor, clock: Clock = time.perf_counter) -> float:
+    """Seconds of one prefill forward pass (KV cache filled, last position's logits) over `prompt_ids`."""
+    started = _synced(clock, prompt_ids)
+    logits = model(input_ids=prompt_ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                   logits_to_keep=1).logits
+    return _synced(clock, logits) - started
+
+
+def _cuda_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def timed_run(model: nn.Module, prompt: torch.Tensor, long_prompt: torch.Tensor, settings: LatencySettings,
+              clock: Clock = time.perf_counter) -> Run:
+    device = input_device(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = _cuda_allocated(device)
+    generation = greedy_generate(model, prompt.to(device), settings.new_tokens, clock)
+    long_prefill_s = timed_prefill(model, long_prompt.to(device), clock)
+    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+    return Run(generation.prefill_s, generation.decode_s, long_prefill_s, generation.kv_cache_bytes, peak)
+
+
+def run_order(names: list[str], run: int) -> list[str]:
+    """Models in the given order on even runs, reversed on odd runs (neither always goes first)."""
+    return names if run % 2 == 0 else names[::-1]
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters (tied ones once)."""
+    return sum(p.nbytes for p in model.parameters())
+
+
+def summarize(model: nn.Module, runs: list[Run], settings: LatencySettings) -> dict:
+    """Mean and std over the kept runs (after the warmup) of one model; `raw` holds every run, warmup included."""
+    kept = runs[settings.warmup:]
+    memory = {"weight_bytes": weight_bytes(model), "kv_cache_bytes": kept[-1].kv_cache_bytes}
+    if kept[-1].cuda_peak_bytes is not None:
+        memory["cuda_peak_allocated_bytes"] = memory["weight_bytes"] + max(r.cuda_peak_bytes for r in kept)
+    return {
+        "params": count_params(model),
+        "end_to_end_s": mean_std([r.end_to_end_s for r in kept]),
+        "prefill_s": mean_std([r.prefill_s for r in kept]),
+        "decode_ms_per_token": mean_std([1000 * r.decode_s / (settings.new_tokens - 1) for r in kept]),
+        "prefill_tokens_per_s": {"prompt_tokens": settings.prefill_tokens,
+                                 **mean_std([settings.prefill_tokens / r.long_prefill_s for r in kept])},
+        "memory": memory,
+        "raw": {"end_to_end_s": [r.end_to_end_s for r in runs], "prefill_s": [r.prefill_s for r in runs],
+                "decode_s": [r.decode_s for r in runs], "long_prefill_s": [r.long_prefill_s for r in runs]},
+    }
+
+
+def measure(models: dict[str, nn.Module], tokenizer, settings: LatencySettings, clock: Clock = time.perf_counter
+            ) -> dict[str, dict]:
+    """Time every model under the protocol, alternating them run by run; per model name, see `summarize`."""
+    settings.validate()
+    prompt, long_prompt = fixed_prompt(tokenizer, settings.prompt_tokens), fixed_prompt(tokenizer, settings.prefill_tokens)
+    for name, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and max(settings.prompt_tokens + settings.new_tokens, settings.prefill_tokens) > limit:
+            raise MopError(f"{name}: prompt and generated tokens exceed its {limit} positions")
+    names = list(models)
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for run in range(settings.runs):
+        for name in run_order(names, run):
+            runs[name].append(timed_run(models[name], prompt, long_prompt, settings, clock))
+    return {name: summarize(models[name], runs[name], settings) for name in names}
+
+
+def speedup_stats(baseline_s: list[float], candidate_s: list[float]) -> dict:
+    """Per-run speedups baseline / candidate (runs paired by index): their mean and sample std, and the ratio of
+    the mean times."""
+    ratios = [b / c for b, c in zip(baseline_s, candidate_s, strict=True)]
+    return {**mean_std(ratios), "ratio_of_means": statistics.mean(baseline_s) / statistics.mean(candidate_s),
+            "runs": len(ratios)}
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def source_baseline(candidate: LoadedModel, device: str, dtype: str) -> LoadedModel | None:
+    """The source model named in the candidate's `mop.json` (`source.name`), loaded like the candidate; None for
+    a model that `mop` did not write."""
+    provenance = candidate.directory / "mop.json"
+    if not provenance.is_file():
+        return None
+    try:
+        source = json.loads(provenance.read_text())["source"]
+        name = source["name"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise MopError(f"{provenance} is corrupt or names no source model; give --baseline") from None
+    log.info("baseline: %s (the source named in %s)", name, provenance)
+    baseline = load_model(name, device, dtype)
+    if baseline.weights_sha256 != source.get("sha256"):
+        log.warning("the weights of %s differ from those %s was pruned from", name, candidate.directory)
+    return baseline
+
+
+def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: LatencySettings) -> dict:
+    """The full latency record of `candidate`, timed against `baseline` in the same run when one is given."""
+    from mop.search import versions
+
+    roles = {"baseline": baseline, "candidate": candidate} if baseline is not None else {"candidate": candidate}
+    prompt = fixed_prompt(candidate.tokenizer, settings.prompt_tokens)
+    if baseline is not None:
+        if not torch.equal(fixed_prompt(baseline.tokenizer, settings.prompt_tokens), prompt):
+            raise MopError("the baseline and the candidate tokenize the prompt differently; they need one tokenizer")
+        placement = {(input_device(m.model), next(m.model.parameters()).dtype) for m in roles.values()}
+        if len(placement) > 1:
+            raise MopError(f"the baseline and the candidate must share device and dtype, not {sorted(map(str, placement))}")
+    results = measure({role: loaded.model for role, loaded in roles.items()}, candidate.tokenizer, settings)
+    for role, loaded in roles.items():
+        results[role] = {"name": loaded.name, "weights_sha256": loaded.weights_sha256, **results[role]}
+
+    def compare(metric: str) -> dict | None:
+        if baseline is None:
+            return None
+        kept = {role: results[role]["raw"][metric][settings.warmup:] for role in roles}
+        return {"of": metric, **speedup_stats(kept["baseline"], kept["candidate"])}
+
+    device = input_device(candidate.model)
+    return {
+        "protocol": PROTOCOL,
+        "settings": asdict(settings),
+        "prompt": {"ids": prompt[0].tolist(), "text": candidate.tokenizer.decode(prompt[0])},
+        "device": describe_device(device),
+        "dtype": str(next(candidate.model.parameters()).dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "models": results,
+        "speedup": compare("end_to_end_s"),
+        "decode_speedup": compare("decode_s"),
+        # process-wide (every model loaded in this process, and everything else it holds): an upper bound only
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "versions": versions(),
+    }
+
+
+def summary_table(record: dict) -> Table:
+    """A rich table of a `benchmark` record: one column per model."""
+    roles = list(record["models"])
+    table = Table(title=f"latency on {record['device']}, {record['dtype']}, {record['torch_threads']} threads")
+    table.add_column("")
+    for role in roles:
+        table.add_column(f"{role}\n{record['models'][role]['name']}", justify="right")
+
+    def row(label: str, cell: Callable[[dict], str]) -> None:
+        table.add_row(label, *(cell(record["models"][role]) for role in roles))
+
+    mebibytes = 2**20
+    settings = record["settings"]
+    row("parameters", lambda r: f"{r['params']:,}")
+    row(f"end-to-end s ({settings['new_tokens']} tokens)",
+        lambda r: f"{r['end_to_end_s']['mean']:.3f} ± {r['end_to_end_s']['std']:.3f}")
+    row("decode ms/token", lambda r: f"{r['decode_ms_per_token']['mean']:.2f} ± {r['decode_ms_per_token']['std']:.2f}")
+    row(f"prefill ms ({settings['prompt_tokens']} tokens)",
+        lambda r: f"{1000 * r['prefill_s']['mean']:.1f} ± {1000 * r['prefill_s']['std']:.1f}")
+    row(f"prefill tokens/s ({settings['prefill_tokens']} tokens)",
+        lambda r: f"{r['prefill_tokens_per_s']['mean']:,.0f} ± {r['prefill_tokens_per_s']['std']:,.0f}")
+    row("weights MiB", lambda r: f"{r['memory']['weight_bytes'] / mebibytes:.1f}")
+    row("KV cache MiB (end)", lambda r: f"{r['memory']['kv_cache_bytes'] / mebibytes:.2f}")
+    if "cuda_peak_allocated_bytes" in record["models"][roles[0]]["memory"]:
+        row("CUDA peak MiB", lambda r: f"{r['memory']['cuda_peak_allocated_bytes'] / mebibytes:.1f}")
+    for label, key in (("speedup (end-to-end)", "speedup"), ("speedup (decode)", "decode_speedup")):
+        if record[key] is not None:
+            s = record[key]
+            table.add_row(label, *[""] * (len(roles) - 1), f"{s['mean']:.3f} ± {s['std']:.3f} (ratio of means "
+                                                           f"{s['ratio_of_means']:.3f})")
+    return table

@@ -1,0 +1,161 @@
+"""The latency protocol: exactly `new_tokens` greedy tokens (EOS does not stop them), the same tokens as
+`generate`, models alternating run by run with the warmup runs discarded, the speedup statistics, and `mop bench`
+(record fields, baseline from mop.json, bad input)."""
+
+import importlib.metadata
+import json
+import statistics
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mop.cli import main
+from mop.latency import LatencySettings, fixed_prompt, greedy_generate, measure, run_order, speedup_stats
+from mop.models import load_model, save_checkpoint
+from mop.surgery import remove_layer
+
+EOS = 2  # the tiny models' eos_token_id
+TINY_BENCH = ["--runs", "3", "--warmup", "1", "--prompt-tokens", "6", "--new-tokens", "4", "--prefill-tokens", "16"]
+
+
+def favour_eos(model: torch.nn.Module) -> torch.nn.Module:
+    """Make EOS the argmax at every position."""
+    def boost(module, args, logits):
+        logits[..., EOS] += 1000.0
+        return logits
+
+    model.lm_head.register_forward_hook(boost)
+    return model
+
+
+def test_generates_exactly_new_tokens_past_eos(tokenizer):
+    model = favour_eos(tiny_model("llama-gqa"))
+    prompt = fixed_prompt(tokenizer, 12)
+    assert model.generate(prompt, do_sample=False, max_new_tokens=16).shape[1] == 12 + 1  # generate stops at EOS
+    generation = greedy_generate(model, prompt, 16)
+    assert generation.tokens.tolist() == [[EOS] * 16]
+    assert generation.prefill_s > 0 and generation.decode_s > 0
+
+
+def test_greedy_tokens_equal_generate(family, tokenizer):
+    model = tiny_model(family)
+    prompt = fixed_prompt(tokenizer, 12)
+    assert prompt.shape == (1, 12) and prompt[0, 0] == tokenizer.bos_token_id
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=20, eos_token_id=None)[:, 12:]
+    generation = greedy_generate(model, prompt, 20)
+    assert torch.equal(generation.tokens, expected)
+    config = model.config
+    kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
+    # keys and values of the prompt and every generated token but the last (never fed back), fp32
+    assert generation.kv_cache_bytes == 2 * layers * kv_heads * config.head_dim * (12 + 20 - 1) * 4
+
+
+def test_models_alternate_and_warmup_runs_are_discarded(tokenizer):
+    """A fake clock advanced by each model's forward passes: 2 s (baseline) or 1 s (candidate) per pass, 50 s in
+    the warmup runs; the statistics must see only the kept runs' exact times."""
+    settings = LatencySettings(runs=5, warmup=2, prompt_tokens=4, new_tokens=3, prefill_tokens=8)
+    passes_per_run = 1 + (settings.new_tokens - 1) + 1  # prompt, decode steps, long prefill
+    models = {"baseline": tiny_model("llama-gqa"), "candidate": tiny_model("llama-gqa", seed=1)}
+    now, calls = [0.0], []
+
+    def pass_cost(name: str, seconds: float):
+        def advance(module, args, kwargs):
+            run = sum(call == name for call in calls) // passes_per_run
+            calls.append(name)
+            now[0] += 50.0 if run < settings.warmup else seconds
+        return advance
+
+    for name, seconds in (("baseline", 2.0), ("candidate", 1.0)):
+        models[name].register_forward_pre_hook(pass_cost(name, seconds), with_kwargs=True)
+    results = measure(models, tokenizer, settings, clock=lambda: now[0])
+
+    blocks = calls[::passes_per_run]
+    assert blocks == [name for run in range(settings.runs) for name in run_order(list(models), run)]
+    assert blocks[:4] == ["baseline", "candidate", "candidate", "baseline"]
+    for name, seconds in (("baseline", 2.0), ("candidate", 1.0)):
+        r = results[name]
+        assert r["raw"]["end_to_end_s"] == [150.0] * 2 + [3 * seconds] * 3  # warmup runs kept in raw only
+        assert r["end_to_end_s"] == {"mean": 3 * seconds, "std": 0.0}
+        assert r["prefill_s"]["mean"] == seconds
+        assert r["decode_ms_per_token"]["mean"] == 1000 * seconds
+        assert r["prefill_tokens_per_s"] == {"prompt_tokens": 8, "mean": 8 / seconds, "std": 0.0}
+        assert r["params"] == sum(p.numel() for p in models[name].parameters())
+    kept = [results[name]["raw"]["end_to_end_s"][settings.warmup:] for name in models]
+    assert speedup_stats(*kept) == {"mean": 2.0, "std": 0.0, "ratio_of_means": 2.0, "runs": 3}
+
+
+def test_speedup_statistics_on_known_numbers():
+    stats = speedup_stats([2.0, 3.0, 4.0], [1.0, 2.0, 2.0])  # per-run speedups 2, 1.5, 2
+    assert stats["mean"] == pytest.approx(11 / 6)
+    assert stats["std"] == pytest.approx(statistics.stdev([2.0, 1.5, 2.0]))  # sample std, 0.2887
+    assert stats["ratio_of_means"] == pytest.approx(9 / 5)
+    assert stats["runs"] == 3
+    with pytest.raises(ValueError):
+        speedup_stats([1.0, 2.0], [1.0])
+
+
+@pytest.fixture
+def pruned_dir(tiny_dirs, tmp_path):
+    """The tiny GQA model with one layer removed, saved as mop saves checkpoints (mop.json naming its source)."""
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    remove_layer(loaded.model, loaded.adapter, 3)
+    out = tmp_path / "pruned"
+    save_checkpoint(loaded, loaded.model, out, {"source": {"name": loaded.name, "sha256": loaded.weights_sha256}})
+    return out
+
+
+def test_bench_times_checkpoint_against_its_source(pruned_dir, tiny_dirs, tmp_path):
+    output = tmp_path / "results" / "bench.json"
+    assert main(["bench", str(pruned_dir), "--output", str(output), *TINY_BENCH]) == 0
+    record = json.loads(output.read_text())
+    assert record["settings"] == {"runs": 3, "warmup": 1, "prompt_tokens": 6, "new_tokens": 4, "prefill_tokens": 16}
+    assert len(record["prompt"]["ids"]) == 6
+    assert record["dtype"] == "float32" and record["torch_threads"] == torch.get_num_threads()
+    assert record["device"].endswith("logical cores")  # a CPU description
+    assert record["versions"]["torch"] == importlib.metadata.version("torch")
+    baseline, candidate = record["models"]["baseline"], record["models"]["candidate"]
+    assert baseline["name"] == str(tiny_dirs["llama-gqa"]) and candidate["name"] == str(pruned_dir)
+    assert baseline["params"] - candidate["params"] == sum(
+        p.numel() for p in tiny_model("llama-gqa").model.layers[3].parameters())
+    assert baseline["memory"]["kv_cache_bytes"] * 5 == candidate["memory"]["kv_cache_bytes"] * 6  # 6 vs 5 layers
+    assert baseline["memory"]["weight_bytes"] == 4 * baseline["params"]  # fp32
+    for r in (baseline, candidate):
+        assert len(r["raw"]["end_to_end_s"]) == 3
+        assert r["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(r["raw"]["end_to_end_s"][1:]))
+        assert r["decode_ms_per_token"]["mean"] > 0 and r["prefill_tokens_per_s"]["mean"] > 0
+    kept = [r["raw"]["end_to_end_s"][1:] for r in (baseline, candidate)]
+    assert record["speedup"]["of"] == "end_to_end_s"
+    assert record["speedup"]["mean"] == pytest.approx(statistics.mean(b / c for b, c in zip(*kept)))
+    assert record["speedup"]["ratio_of_means"] == pytest.approx(statistics.mean(kept[0]) / statistics.mean(kept[1]))
+    assert record["decode_speedup"]["of"] == "decode_s"
+
+
+def test_bench_dense_model_alone_and_explicit_baseline(pruned_dir, tiny_dirs, tmp_path):
+    alone = tmp_path / "alone.json"
+    assert main(["bench", str(tiny_dirs["llama-gqa"]), "--output", str(alone), *TINY_BENCH]) == 0
+    record = json.loads(alone.read_text())
+    assert list(record["models"]) == ["candidate"] and record["speedup"] is None and record["decode_speedup"] is None
+
+    explicit = tmp_path / "explicit.json"
+    other = tiny_dirs["mistral"]  # same hidden size and tokenizer, another model
+    assert main(["bench", str(pruned_dir), "--baseline", str(other), "--output", str(explicit), *TINY_BENCH]) == 0
+    assert json.loads(explicit.read_text())["models"]["baseline"]["name"] == str(other)
+
+
+@pytest.mark.parametrize("case", ["warmup>=runs", "not a model", "corrupt mop.json", "output is a directory"])
+def test_bench_bad_input(case, pruned_dir, tmp_path, capsys):
+    output, model, extra = tmp_path / "bench.json", str(pruned_dir), []
+    if case == "warmup>=runs":
+        extra = ["--runs", "5", "--warmup", "5"]
+    elif case == "not a model":
+        (tmp_path / "empty").mkdir()
+        model = str(tmp_path / "empty")
+    elif case == "corrupt mop.json":
+        (pruned_dir / "mop.json").write_text("{not json")
+    else:
+        output.mkdir()
+    assert main(["bench", model, "--output", str(output), *TINY_BENCH, *extra]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bars
+    assert len(errors) == 1 and errors[0].startswith("mop: error: ")
+    assert not output.is_file() and not output.with_name("bench.json.partial").exists()
