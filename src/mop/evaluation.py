@@ -1,0 +1,327 @@
+"""`mop eval`: zero-shot accuracy through lm-eval's own task definitions, offline, and WikiText-2 perplexity.
+
+An accuracy task is lm-eval's YAML config, unchanged (prompt, choices, `process_docs`, target delimiter,
+metrics), with one thing replaced: the documents. When a local file is found (`--task-file TASK=PATH`, then
+`$MOP_DATA_DIR/<file>`), it is converted to the Hugging Face schema the task reads and handed to lm-eval as
+`custom_dataset`, under the split the task evaluates on; otherwise lm-eval loads the hub data set as usual.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.metadata
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from mop.criteria import input_device, segments_perplexity
+from mop.data import load_rows, load_texts, token_segments
+from mop.errors import MopError
+from mop.models import LoadedModel, count_params
+from mop.search import versions
+
+TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "wikitext")
+PERPLEXITY_TASK = "wikitext"  # ours, not lm-eval's: token perplexity over fixed-length segments
+PAPER_METRIC = {"winogrande": "acc"}  # the paper's average: acc for WinoGrande, acc_norm for the others
+
+
+# ---------------------------------------------------------------- local files -> lm-eval's document schemas
+
+
+def _record_error(path: Path, number: int, schema: str) -> MopError:
+    return MopError(f"{path}: record {number} is not {schema}")
+
+
+def read_arc(path: Path) -> list[dict]:
+    """Any AI2 ARC split file (jsonl: id, question{stem, choices[{text, label}]}, answerKey) as `allenai/ai2_arc`
+    rows: id, question, choices{text, label}, answerKey."""
+    schema = "an ARC record (id, question.stem, question.choices[].text/label, answerKey)"
+    docs = []
+    for number, row in enumerate(load_rows(str(path))[0], 1):
+        try:
+            choices = row["question"]["choices"]
+            doc = {"id": row["id"], "question": row["question"]["stem"],
+                   "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+                   "answerKey": row["answerKey"]}
+        except (KeyError, TypeError):
+            raise _record_error(path, number, schema) from None
+        if not isinstance(doc["question"], str) or doc["answerKey"] not in doc["choices"]["label"]:
+            raise _record_error(path, number, schema)
+        docs.append(doc)
+    return docs
+
+
+def read_piqa(path: Path) -> list[dict]:
+    """PIQA's `<split>.jsonl` (goal, sol1, sol2) with its `<split>-labels.lst` beside it (one 0/1 a line), or
+    rows that carry their own `label`, as `baber/piqa` rows: goal, sol1, sol2, label (int)."""
+    rows = load_rows(str(path))[0]
+    labels_file = path.with_name(f"{path.stem}-labels.lst")
+    labels = labels_file.read_text().split() if labels_file.is_file() else None
+    if labels is not None and len(labels) != len(rows):
+        raise MopError(f"{labels_file} has {len(labels)} labels for the {len(rows)} records of {path}")
+    docs = []
+    for number, row in enumerate(rows, 1):
+        if labels is not None:
+            label = labels[number - 1]
+        else:
+            label = row.get("label") if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("goal", "sol1", "sol2"))
+                and str(label) in ("0", "1")):
+            raise _record_error(path, number, f"a PIQA record (goal, sol1, sol2, and a 0/1 label in {labels_file.name})")
+        docs.append({"goal": row["goal"], "sol1": row["sol1"], "sol2": row["sol2"], "label": int(label)})
+    return docs
+
+
+def read_winogrande(path: Path) -> list[dict]:
+    """WinoGrande as the Hugging Face Arrow cache file or as jsonl (sentence with one `_`, option1, option2,
+    answer "1"/"2"), as `allenai/winogrande` rows."""
+    if path.suffix == ".arrow":
+        import datasets
+
+        try:
+            rows = datasets.Dataset.from_file(str(path)).to_list()
+        except Exception as error:  # not an Arrow stream
+            raise MopError(f"{path} cannot be read as an Arrow file: {type(error).__name__}") from None
+    else:
+        rows = load_rows(str(path))[0]
+    docs = []
+    for number, row in enumerate(rows, 1):
+        doc = {k: row.get(k) for k in ("sentence", "option1", "option2", "answer")} if isinstance(row, dict) else {}
+        if not (doc and all(isinstance(v, str) for v in doc.values()) and "_" in doc["sentence"]
+                and doc["answer"] in ("1", "2")):
+            raise _record_error(path, number, 'a WinoGrande record (sentence with "_", option1, option2, answer "1"/"2")')
+        docs.append(doc)
+    return docs
+
+
+def split_hellaswag_context(context: str) -> tuple[str, str]:
+    """(ctx_a, ctx_b) of a HellaSwag context whose split was lost.
+
+    ActivityNet contexts end in a lower-case sentence fragment (ctx_b, e.g. "he") after their last sentence end;
+    WikiHow contexts end in a full sentence and have an empty ctx_b.
+    """
+    match = re.fullmatch(r"(.*[.!?]) ([^.!?]*[^.!?\s])", context)
+    return (match[1], match[2]) if match else (context, "")
+
+
+def read_hellaswag(path: Path) -> list[dict]:
+    """HellaSwag in llama.cpp's text format (6 lines a task: `activity_label: ctx`, gold label, 4 endings; `.bz2`
+    or plain) as `Rowan/hellaswag` rows: activity_label, ctx_a, ctx_b, ctx, endings, label."""
+    opener = bz2.open if path.suffix == ".bz2" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as error:
+        raise MopError(f"{path} cannot be read as HellaSwag text: {error}") from None
+    if lines[-1] == "":
+        lines.pop()
+    if not lines or len(lines) % 6:
+        raise MopError(f"{path}: {len(lines)} lines, not 6 per task (context, label, 4 endings)")
+    docs = []
+    for number, start in enumerate(range(0, len(lines), 6), 1):
+        query, label, *endings = lines[start : start + 6]
+        activity_label, separator, context = query.partition(": ")
+        if not separator or label not in ("0", "1", "2", "3"):
+            raise _record_error(path, number, "a HellaSwag task (`activity_label: context`, a label 0-3, 4 endings)")
+        ctx_a, ctx_b = split_hellaswag_context(context)
+        docs.append({"activity_label": activity_label, "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": context,
+                     "endings": endings, "label": label})
+    return docs
+
+
+@dataclass(frozen=True)
+class LocalData:
+    file: str  # where it is looked for under MOP_DATA_DIR
+    what: str  # for the user, when it is missing
+    read: Callable[[Path], list[dict]]  # the file -> documents in the schema of lm-eval's task
+
+
+LOCAL_DATA = {
+    "arc_easy": LocalData("arc/ARC-Easy-Test.jsonl", "the ARC-Easy test split (AI2 ARC jsonl)", read_arc),
+    "arc_challenge": LocalData("arc/ARC-Challenge-Test.jsonl", "the ARC-Challenge test split (AI2 ARC jsonl)",
+                               read_arc),
+    "hellaswag": LocalData("hellaswag/hellaswag_val_full.txt.bz2",
+                           "HellaSwag validation in llama.cpp's text format", read_hellaswag),
+    "piqa": LocalData("piqa/valid.jsonl", "PIQA valid.jsonl with valid-labels.lst beside it", read_piqa),
+    "winogrande": LocalData("winogrande/winogrande-validation.arrow",
+                            "WinoGrande (winogrande_xl) validation as an Arrow file or jsonl", read_winogrande),
+}
+
+
+def local_file(task: str, task_files: dict[str, Path] | None = None) -> Path | None:
+    """The file `task` reads: the one named for it, else the one under MOP_DATA_DIR, else None (the hub)."""
+    if task_files and task in task_files:
+        return Path(task_files[task])
+    data_dir = os.environ.get("MOP_DATA_DIR")
+    if data_dir and (Path(data_dir) / LOCAL_DATA[task].file).is_file():
+        return Path(data_dir) / LOCAL_DATA[task].file
+    return None
+
+
+# ---------------------------------------------------------------- lm-eval tasks
+
+
+@functools.cache
+def task_manager():
+    """lm-eval's task index over the folders of our tasks only (indexing all of lm-eval takes ~10 s)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return lm_eval.tasks.TaskManager(include_defaults=False,
+                                     include_path=[root / d for d in ("arc", "hellaswag", "piqa", "winogrande")])
+
+
+def build_task(name: str, task_files: dict[str, Path] | None = None):
+    """lm-eval's task `name` built from its own YAML config, reading the local file when there is one.
+    Returns (the `ConfigurableTask`, where its documents came from)."""
+    import datasets
+    from lm_eval.tasks._yaml_loader import load_yaml  # what TaskManager itself reads task configs with
+
+    manager = task_manager()
+    path = local_file(name, task_files)
+    if path is None:
+        return _hub_task(manager, name), "hub"
+    docs = datasets.Dataset.from_list(LOCAL_DATA[name].read(path))
+    config = load_yaml(manager.task_index[name].yaml_path)
+    # zero-shot: only the split lm-eval evaluates on (test if the task has one, else validation) is needed
+    eval_key = "test_split" if config.get("test_split") else "validation_split"
+    split = config[eval_key]
+    config |= {key: None for key in ("training_split", "validation_split", "test_split")}
+    config |= {eval_key: split, "custom_dataset": lambda **metadata: datasets.DatasetDict({split: docs})}
+    return manager.load(config)["tasks"][name], str(path.resolve())
+
+
+def _hub_task(manager, name: str):
+    try:
+        return manager.load(name)["tasks"][name]
+    except Exception as error:  # offline, unreachable hub, missing repo
+        data = LOCAL_DATA[name]
+        raise MopError(f"{name}: no local data and the Hugging Face hub failed ({type(error).__name__}); put "
+                       f"{data.what} at $MOP_DATA_DIR/{data.file} or pass --task-file {name}=PATH") from None
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) -> None:
+    """Fail before a model loads: no task, an unknown task, a --task-file for an unknown task or a missing file."""
+    if not tasks:
+        raise MopError(f"no task given; choose from {', '.join(TASKS)}")
+    for name in [*tasks, *(task_files or {})]:
+        if name not in TASKS:
+            raise MopError(f"unknown task {name}; choose from {', '.join(TASKS)}")
+    for name, path in (task_files or {}).items():
+        if not Path(path).is_file():
+            raise MopError(f"--task-file {name}={path}: no such file")
+
+
+def validate_settings(limit: int | None, batch_size: int, ppl_segment_length: int) -> None:
+    """Fail before a model loads on a --limit, --batch-size or --ppl-segment-length below its minimum."""
+    for option, value, least in (("limit", limit, 1), ("batch size", batch_size, 1),
+                                 ("ppl segment length", ppl_segment_length, 2)):
+        if value is not None and value < least:
+            raise MopError(f"{option} must be an integer >= {least}, not {value}")
+
+
+def _number(value) -> float | None:
+    """lm-eval writes "N/A" for a stderr it cannot compute (e.g. one sample)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def accuracy(loaded: LoadedModel, tasks: list[str], limit: int | None, batch_size: int,
+             task_files: dict[str, Path] | None = None) -> dict:
+    """Zero-shot acc / acc_norm (and their stderr) of lm-eval's tasks on the in-memory model."""
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    built = {name: build_task(name, task_files) for name in tasks}  # every data error before any scoring
+    for task, _ in built.values():
+        task.set_config(key="num_fewshot", value=0)
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    # lm-eval's evaluate rather than simple_evaluate: the same scoring without reseeding the global RNGs or
+    # collecting environment information in subprocesses
+    output = lm_eval_evaluate(lm=lm, task_dict={"tasks": {name: task for name, (task, _) in built.items()}},
+                              limit=limit, log_samples=False)
+    results = {}
+    for name, (_, source) in built.items():
+        metrics = output["results"][name]
+        results[name] = {key: _number(metrics.get(f"{key},none"))
+                         for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+        results[name] |= {"samples": output["n-samples"][name]["effective"], "data": source}
+    return results
+
+
+def perplexity(loaded: LoadedModel, data: str, segment_length: int, limit: int | None) -> dict:
+    """Token perplexity of `data` (WikiText-2 test by default) joined by blank lines, in `segment_length`-token
+    segments scored independently; `limit` caps the number of segments."""
+    segments = token_segments(loaded.tokenizer, load_texts(data), segment_length, limit)
+    return {"perplexity": segments_perplexity(loaded.model, segments), "segments": len(segments),
+            "segment_length": segment_length, "tokens": sum(len(s) for s in segments), "data": data}
+
+
+def paper_average(results: dict) -> tuple[float | None, list[str]]:
+    """The paper's average over the accuracy tasks in `results`: acc for WinoGrande, acc_norm for the others."""
+    names = [name for name in results if name != PERPLEXITY_TASK]
+    if not names:
+        return None, []
+    return sum(results[n][PAPER_METRIC.get(n, "acc_norm")] for n in names) / len(names), names
+
+
+def evaluate(loaded: LoadedModel, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+             ppl_segment_length: int = 2048, task_files: dict[str, Path] | None = None) -> dict:
+    """Accuracy tasks through lm-eval and `wikitext` perplexity; `limit` caps documents per task (segments for
+    wikitext). `task_files` points tasks at local files (`{"arc_challenge": Path(...)}`)."""
+    tasks = list(dict.fromkeys(tasks))
+    validate_tasks(tasks, task_files)
+    validate_settings(limit, batch_size, ppl_segment_length)
+    start = time.perf_counter()
+    accuracy_tasks = [name for name in tasks if name != PERPLEXITY_TASK]
+    results = accuracy(loaded, accuracy_tasks, limit, batch_size, task_files) if accuracy_tasks else {}
+    if PERPLEXITY_TASK in tasks:
+        data = str((task_files or {}).get(PERPLEXITY_TASK, "wikitext2"))
+        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, limit)
+    average, average_tasks = paper_average(results)
+    return {
+        "tasks": {name: results[name] for name in tasks},
+        "average": average,
+        "average_tasks": average_tasks,
+        "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256, "params": count_params(loaded.model),
+                  "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  "device": str(input_device(loaded.model))},
+        "limit": limit,
+        "seconds": time.perf_counter() - start,
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    return versions() | {name: importlib.metadata.version(name) for name in ("lm_eval", "datasets")}
+
+
+def summary_table(record: dict) -> Table:
+    """One row per task: acc and acc_norm with their stderr, or perplexity; then the paper's average."""
+    def score(value, stderr):
+        if value is None:
+            return ""
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    table = Table(title=f"{record['model']['name']} (limit {record['limit'] or 'none'})")
+    for column in ("task", "samples", "acc", "acc_norm", "perplexity"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, result in record["tasks"].items():
+        if name == PERPLEXITY_TASK:
+            table.add_row(name, f"{result['segments']} × {result['segment_length']} tokens", "", "",
+                          f"{result['perplexity']:.3f}")
+        else:
+            table.add_row(name, str(result["samples"]), score(result["acc"], result["acc_stderr"]),
+                          score(result["acc_norm"], result["acc_norm_stderr"]), "")
+    if record["average"] is not None:
+        table.add_row("average (paper)", "", "", f"{record['average']:.4f}", "")
+    return table
