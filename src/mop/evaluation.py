@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.metadata
+import logging
 import math
 import os
 import re
@@ -168,11 +169,17 @@ def local_file(task: str, task_files: dict[str, Path] | None = None) -> Path | N
 # ---------------------------------------------------------------- lm-eval tasks
 
 
+def _not_the_metadata_hint(record: logging.LogRecord) -> bool:
+    """lm-eval points every task with a `custom_dataset` at its own CLI's --metadata option: not one of ours."""
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
 @functools.cache
 def task_manager():
     """lm-eval's task index over the folders of our tasks only (indexing all of lm-eval takes ~10 s)."""
     import lm_eval.tasks
 
+    logging.getLogger("lm_eval.api.task").addFilter(_not_the_metadata_hint)
     root = Path(lm_eval.tasks.__file__).parent
     return lm_eval.tasks.TaskManager(include_defaults=False,
                                      include_path=[root / d for d in ("arc", "hellaswag", "piqa", "winogrande")])
@@ -187,8 +194,12 @@ def build_task(name: str, task_files: dict[str, Path] | None = None):
     manager = task_manager()
     path = local_file(name, task_files)
     if path is None:
-        return _hub_task(manager, name), "hub"
-    docs = datasets.Dataset.from_list(LOCAL_DATA[name].read(path))
+        task = _hub_task(manager, name)
+        return task, f"hub:{task.config.dataset_path}"
+    rows = LOCAL_DATA[name].read(path)
+    if not rows:
+        raise MopError(f"{name}: {path} holds no documents")
+    docs = datasets.Dataset.from_list(rows)
     config = load_yaml(manager.task_index[name].yaml_path)
     # zero-shot: only the split lm-eval evaluates on (test if the task has one, else validation) is needed
     eval_key = "test_split" if config.get("test_split") else "validation_split"
