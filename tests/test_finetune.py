@@ -1,0 +1,215 @@
+"""Recovery fine-tuning (`mop finetune`): training rows, the loss, merged checkpoints, resume, two processes,
+knowledge distillation and bad input, on tiny random models."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mop import cli, data, tuning
+from mop.errors import MopError
+from mop.models import load_model, save_checkpoint
+from mop.surgery import remove_layer
+from mop.tuning import FinetuneConfig, LoraSettings, finetune
+
+SMALL = LoraSettings(rank=4, batch_size=4, micro_batch_size=2, max_length=256)  # the tiny tokenizer is verbose
+
+
+def small(**options) -> FinetuneConfig:
+    return FinetuneConfig(**{"lora": SMALL, "max_steps": 4, "save_every": 2, **options})
+
+
+def alpaca_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def text_file(path: Path, lines: int = 150) -> Path:
+    """The first `lines` lines of WikiText-2 test."""
+    wikitext = Path(os.environ["MOP_DATA_DIR"], "wikitext2", "wiki.test.raw").read_text().splitlines()
+    path.write_text("\n".join(wikitext[:lines]))
+    return path
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tokenizer, request, tmp_path):
+    if which == "smollm2":
+        tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_dir"))
+    long_prompt = "word " * 600
+    source = alpaca_file(tmp_path / "rows.json", [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say nothing.", "input": "", "output": "  "},  # no response: dropped
+        {"instruction": long_prompt, "input": "", "output": "Cut away."},  # response beyond max_length: dropped
+    ])
+    rows, record = tuning.alpaca_rows(tokenizer, str(source), max_length=256)
+    assert (record["examples"], record["rows"], record["dropped"]) == (4, 2, 2)
+    for (ids, labels), row in zip(rows, ["Blue.", "5"]):
+        prompt_length = labels.count(tuning.IGNORE)
+        assert labels[:prompt_length] == [tuning.IGNORE] * prompt_length
+        assert labels[prompt_length:] == ids[prompt_length:]  # every response token is learned ...
+        assert tokenizer.decode(ids[prompt_length:-1]) == row  # ... the response, then EOS
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[:prompt_length]).endswith("### Response:\n")
+        if tokenizer.bos_token_id is not None:
+            assert tokenizer.bos_token_id not in ids[1:]  # no BOS mid-sequence
+        assert tuning.target_count((ids, labels)) == len(ids) - prompt_length
+
+
+def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    # at random init the final norm keeps every logit within about ±1.3, so no adapter could bring the loss far
+    # below ln(vocab); a larger gain lets the adapters express a memorised answer
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(10)
+    answers = ["Blue sky.", "Red sun.", "Green tree.", "Gold ring."]
+    examples = [data.Example(data.alpaca_prompt({"instruction": f"Name colour {i}."}), a) for i, a in enumerate(answers)]
+    rows = data.sft_rows(loaded.tokenizer, examples, 256)
+    settings = LoraSettings(rank=8, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
+    progress = tuning.train(tuning.attach_lora(loaded.model, settings, 0), rows, settings, 20, 0,
+                            loaded.tokenizer.pad_token_id)
+    assert len(progress.losses) == 20
+    assert sum(progress.losses[-3:]) / 3 < 0.5 * progress.losses[0]
+
+
+def test_merged_checkpoint_reloads_with_the_tuned_logits(tiny_dirs, tmp_path):
+    loaded = load_model(str(tiny_dirs["qwen2"]))
+    ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        original = loaded.model(input_ids=ids).logits
+    rows, _ = tuning.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
+    settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=4, max_length=256)
+    peft_model = tuning.attach_lora(loaded.model, settings, 0)
+    tuning.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        tuned = peft_model(input_ids=ids).logits
+    assert (tuned - original).abs().max() > 1e-3  # the adapters changed the model
+    save_checkpoint(loaded, peft_model.merge_and_unload(), tmp_path / "merged", {})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp_path, monkeypatch):
+    model = str(tiny_dirs["llama-gqa"])
+    whole = finetune(model, tmp_path / "whole", small())
+    assert whole["steps"] == 4 and len(whole["losses"]) == 4 and whole["resumed_at"] == []
+    assert whole["data"]["rows"] + whole["data"]["dropped"] == whole["data"]["examples"] == 999
+    saved = load_file(tmp_path / "whole" / "model.safetensors")
+    assert whole["merged_sha256"] == [tuning.weights_digest(saved)]
+    assert not tuning.state_dir(tmp_path / "whole").exists()
+
+    write = tuning.write_json_atomic
+
+    def crash_after_first_state(path, payload):  # dies once the state of step 2 is on disk
+        write(path, payload)
+        raise Interrupted
+
+    monkeypatch.setattr(tuning, "write_json_atomic", crash_after_first_state)
+    with pytest.raises(Interrupted):
+        finetune(model, tmp_path / "resumed", small())
+    assert not (tmp_path / "resumed").exists()
+    assert json.loads((tuning.state_dir(tmp_path / "resumed") / "progress.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    resumed = finetune(model, tmp_path / "resumed", small())
+    assert resumed["resumed_at"] == [2]
+    assert resumed["losses"] == whole["losses"] and resumed["merged_sha256"] == whole["merged_sha256"]
+    for name, tensor in load_file(tmp_path / "resumed" / "model.safetensors").items():
+        assert torch.equal(tensor, saved[name]), name
+
+    mtime = (tmp_path / "whole" / "mop.json").stat().st_mtime_ns
+    assert finetune(model, tmp_path / "whole", small()) == whole
+    assert (tmp_path / "whole" / "mop.json").stat().st_mtime_ns == mtime
+    with pytest.raises(MopError, match="other settings"):
+        finetune(model, tmp_path / "whole", small(seed=1))
+    with pytest.raises(MopError, match="not a mop fine-tune"):
+        finetune(model, tiny_dirs["mistral"], small())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_train_the_same_merged_weights(tiny_dirs, tmp_path):
+    """`accelerate launch` with two CPU processes (DDP over gloo): both end with bitwise the same weights."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "mop.cli", "finetune", str(tiny_dirs["llama-mha"]),
+               "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "1",
+               "--max-length", "256", "--rank", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "mop.json").read_text())["finetune"]
+    assert record["processes"] == 2 and record["steps"] == 3
+    digest = tuning.weights_digest(load_file(out / "model.safetensors"))
+    assert record["merged_sha256"] == [digest, digest]
+    assert digest != tuning.weights_digest(load_file(tiny_dirs["llama-mha"] / "model.safetensors"))
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_dirs, tmp_path):
+    # a larger final-norm gain makes the random teacher's distributions peaked, so that they are worth matching
+    original = load_model(str(tiny_dirs["llama-gqa"]))
+    with torch.no_grad():
+        original.model.model.norm.weight.mul_(10)
+    save_checkpoint(original, original.model, tmp_path / "teacher", {})
+    teacher, same = load_model(str(tmp_path / "teacher")), load_model(str(tmp_path / "teacher"))
+    texts = text_file(tmp_path / "text.txt", lines=12)
+    rows, record = tuning.text_rows(teacher.tokenizer, str(texts), 64)
+    assert record["rows"] >= 8 and all(ids == labels for ids, labels in rows)
+    batch = tuning._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
+    kd = tuning.distillation_sum(teacher.model, temperature=2.0)
+    with torch.no_grad():
+        assert kd(same.model, batch).item() == pytest.approx(0, abs=1e-6)
+
+    student = same  # the teacher less one layer, written by mop with the teacher as its source
+    remove_layer(student.model, student.adapter, 3)
+    source = {"source": {"name": str(tmp_path / "teacher"), "sha256": teacher.weights_sha256}, "path": "D"}
+    save_checkpoint(student, student.model, tmp_path / "pruned", source)
+    with torch.no_grad():
+        before = kd(student.model, batch).item()
+    config = small(method="kd", kd_data=str(texts), max_steps=16, lora=LoraSettings(
+        rank=8, learning_rate=3e-3, batch_size=4, micro_batch_size=4, max_length=64))
+    result = finetune(str(tmp_path / "pruned"), tmp_path / "distilled", config)
+    assert result["teacher"]["name"] == str(tmp_path / "teacher")  # the source named in mop.json
+    assert result["teacher"]["sha256"] == teacher.weights_sha256
+    losses = result["losses"]
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:2]) / 2
+    provenance = json.loads((tmp_path / "distilled" / "mop.json").read_text())
+    assert provenance["path"] == "D" and provenance["finetune"]["method"] == "kd"
+    with torch.no_grad():
+        after = kd(AutoModelForCausalLM.from_pretrained(tmp_path / "distilled"), batch).item()
+    assert after < 0.6 * before
+
+
+def test_bad_input_is_refused_and_leaves_nothing(tiny_dirs, tmp_path, capsys):
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    wrong_schema = tmp_path / "texts.jsonl"
+    wrong_schema.write_text('{"text": "no instruction here"}\n')
+    cases = {
+        "no config.json": ["finetune", str(not_a_model)],
+        "lacks the Alpaca fields": ["finetune", str(tiny_dirs["mistral"]), "--data", str(wrong_schema)],
+        "give the teacher": ["finetune", str(tiny_dirs["mistral"]), "--method", "kd"],
+        "nothing to train": ["finetune", str(tiny_dirs["mistral"]), "--max-steps", "0"],
+        "must be positive": ["finetune", str(tiny_dirs["mistral"]), "--micro-batch-size", "0"],
+    }
+    for message, argv in cases.items():
+        out = tmp_path / "out"
+        assert cli.main(argv + ["--out", str(out)]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not tuning.state_dir(out).exists()
