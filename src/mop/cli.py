@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+import transformers
 from rich.console import Console
 from rich.table import Table
 
@@ -24,7 +25,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for register in (register_prune,):
+    for register in (register_prune, register_finetune, register_bench, register_eval, register_run):
         register(commands)
     return parser
 
@@ -32,39 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
 def register_prune(commands) -> None:
     prune = commands.add_parser("prune", help="search a depth/width pruning path and write a checkpoint per target")
     _add_model_options(prune)
-    prune.add_argument("--target", type=float, action="append", required=True,
-                       help="compression ratio in (0, 1); repeat for several checkpoints from one search")
     prune.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds this run)")
-    prune.add_argument("--mode", default="mop", choices=MODES)
-    prune.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
-    prune.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
-    prune.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
     prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--calib", default="alpaca", help="AMP calibration data: alpaca, wikitext2, c4 or a file")
-    prune.add_argument("--calib-samples", type=int, default=128)
-    prune.add_argument("--calib-max-length", type=int, default=512)
-    prune.add_argument("--batch-size", type=int, default=8, help="prompts per scoring forward pass")
-    prune.add_argument("--path-data", default="wikitext2", help="data for the cosine/kl/ppl path criteria")
-    prune.add_argument("--path-samples", type=int, default=128, help="texts for cosine and kl")
-    prune.add_argument("--path-max-length", type=int, default=512, help="tokens per text for cosine and kl")
-    prune.add_argument("--ppl-segment-length", type=int, default=2048)
-    prune.add_argument("--ppl-segments", type=int, default=None, help="limit the perplexity segments (default: all)")
-    prune.add_argument("--tune-data", default="alpaca", help="Alpaca-format data for the candidates' short tuning")
-    prune.add_argument("--tune-steps", type=int, default=10, help="iteration t tunes each candidate for this × t steps")
-    prune.add_argument("--tune-batch-size", type=int, default=16)
-    prune.add_argument("--tune-micro-batch-size", type=int, default=4)
-    prune.add_argument("--tune-max-length", type=int, default=512)
+    _add_search_options(prune)
     prune.set_defaults(handler=cmd_prune)
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from mop.models import load_model
-    from mop.search import Search
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the MoP search, shared by `mop prune` and `mop run`."""
+    parser.add_argument("--target", type=float, action="append", required=True,
+                        help="compression ratio in (0, 1); repeat for several checkpoints from one search")
+    parser.add_argument("--mode", default="mop", choices=MODES)
+    parser.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
+    parser.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
+    parser.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
+    parser.add_argument("--calib", default="alpaca", help="AMP calibration data: alpaca, wikitext2, c4 or a file")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per scoring forward pass")
+    parser.add_argument("--path-data", default="wikitext2", help="data for the cosine/kl/ppl path criteria")
+    parser.add_argument("--path-samples", type=int, default=128, help="texts for cosine and kl")
+    parser.add_argument("--path-max-length", type=int, default=512, help="tokens per text for cosine and kl")
+    parser.add_argument("--ppl-segment-length", type=int, default=2048)
+    parser.add_argument("--ppl-segments", type=int, default=None, help="limit the perplexity segments (default: all)")
+    parser.add_argument("--tune-data", default="alpaca", help="Alpaca-format data for the candidates' short tuning")
+    parser.add_argument("--tune-steps", type=int, default=10, help="iteration t tunes each candidate for this × t steps")
+    parser.add_argument("--tune-batch-size", type=int, default=16)
+    parser.add_argument("--tune-micro-batch-size", type=int, default=4)
+    parser.add_argument("--tune-max-length", type=int, default=512)
+
+
+def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
+    """The validated search settings of a `prune` or `run` command line (bad options fail before a model loads)."""
     from mop.tuning import LoraSettings
 
     config = SearchConfig(
         targets=args.target, mode=args.mode, layer_criterion=args.layer_criterion,
-        width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=args.seed, calib=args.calib,
+        width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed, calib=args.calib,
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,
@@ -72,10 +77,192 @@ def cmd_prune(args: argparse.Namespace) -> None:
         lora=LoraSettings(batch_size=args.tune_batch_size, micro_batch_size=args.tune_micro_batch_size,
                           max_length=args.tune_max_length),
     )
-    config.validate()  # before the model loads: bad options fail fast
+    config.validate()
+    return config
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from mop.models import load_model
+    from mop.search import Search
+
+    config = _search_config(args, args.seed)
     loaded = load_model(args.model, args.device, args.dtype)
     state = Search(loaded, config, args.out).run()
     print_summary(state)
+
+
+def register_finetune(commands) -> None:
+    finetune = commands.add_parser("finetune", help="recovery fine-tuning with LoRA, merged into a plain checkpoint "
+                                                    "(resumable; runs on several processes under accelerate launch)")
+    _add_model_options(finetune)
+    finetune.add_argument("--out", type=Path, required=True,
+                          help="checkpoint directory to write; an interrupted run resumes from OUT.finetune-state")
+    finetune.add_argument("--method", default="sft", choices=["sft", "kd"],
+                          help="sft: learn Alpaca responses; kd: match the teacher's logits on raw text")
+    finetune.add_argument("--data", default="alpaca", help="sft data: alpaca or an Alpaca-format file")
+    finetune.add_argument("--epochs", type=float, default=2.0)
+    finetune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    finetune.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes")
+    finetune.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward/backward")
+    finetune.add_argument("--lr", type=float, default=3e-4)
+    finetune.add_argument("--max-length", type=int, default=512, help="tokens per example")
+    finetune.add_argument("--rank", type=int, default=32)
+    finetune.add_argument("--alpha", type=int, default=10)
+    finetune.add_argument("--dropout", type=float, default=0.05)
+    finetune.add_argument("--save-every", type=int, default=25, help="optimizer steps between resumable states")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--teacher", default=None, help="kd teacher (default: the source model in mop.json)")
+    finetune.add_argument("--kd-data", default="wikitext2", help="kd raw text: wikitext2, c4, alpaca or a file")
+    finetune.add_argument("--kd-temperature", type=float, default=1.0)
+    finetune.set_defaults(handler=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from mop.tuning import FinetuneConfig, LoraSettings, finetune
+
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
+                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length)
+    config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
+                            save_every=args.save_every, method=args.method, teacher=args.teacher,
+                            kd_data=args.kd_data, kd_temperature=args.kd_temperature)
+    config.validate()  # before the model loads
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved state would break the bar
+    record = finetune(args.model, args.out, config, args.device, args.dtype)
+    if PartialState().is_main_process:
+        losses = record["losses"]
+        print(f"{args.out}: {record['steps']} {record['method']} steps on {record['data']['source']}, "
+              f"{record['processes']} process(es), loss {losses[0]:.4f} -> {losses[-1]:.4f}, {record['seconds']:.0f} s")
+
+
+def register_eval(commands) -> None:
+    from mop.evaluation import TASKS
+
+    evaluate = commands.add_parser("eval", help="zero-shot accuracy through lm-eval (offline) and WikiText-2 perplexity")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(TASKS)}")
+    evaluate.add_argument("--output", type=Path, required=True, help="JSON file for the full record")
+    evaluate.add_argument("--limit", type=int, help="documents per task, and wikitext segments (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--ppl-segment-length", type=int, default=2048, help="tokens per wikitext segment")
+    evaluate.add_argument("--task-file", type=_task_file, action="append", default=[], metavar="TASK=PATH",
+                          help="read TASK's documents from PATH (default: MOP_DATA_DIR, then the hub); repeatable")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def _task_file(spec: str) -> tuple[str, Path]:
+    task, separator, path = spec.partition("=")
+    if not (separator and task and path):
+        raise argparse.ArgumentTypeError(f"expected TASK=PATH, not {spec!r}")
+    return task, Path(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mop.evaluation import evaluate, summary_table, validate_settings, validate_tasks
+    from mop.models import load_model
+    from mop.state import write_json_atomic
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    task_files = dict(args.task_file)
+    validate_tasks(tasks, task_files)  # before the model loads
+    validate_settings(args.limit, args.batch_size, args.ppl_segment_length)
+    if args.output.is_dir():
+        raise MopError(f"--output {args.output} is a directory; give a JSON file name")
+    loaded = load_model(args.model, args.device, args.dtype)
+    record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.output, record)
+    Console().print(summary_table(record))
+
+
+def register_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="time generation against the dense model (the paper's latency protocol)")
+    _add_model_options(bench)
+    bench.add_argument("--baseline", help="model timed against MODEL in the same run (default: the source model "
+                                          "named in MODEL/mop.json; none for a model mop did not write)")
+    bench.add_argument("--output", type=Path, required=True, help="JSON file for the full record")
+    bench.add_argument("--runs", type=int, default=20, help="runs per model, the models alternating")
+    bench.add_argument("--warmup", type=int, default=10, help="first runs of each model left out of the statistics")
+    bench.add_argument("--prompt-tokens", type=int, default=12)
+    bench.add_argument("--new-tokens", type=int, default=128, help="exactly this many greedy tokens (EOS ignored)")
+    bench.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill throughput")
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mop.latency import LatencySettings, benchmark, source_baseline, summary_table
+    from mop.models import load_model
+    from mop.state import write_json_atomic
+
+    settings = LatencySettings(runs=args.runs, warmup=args.warmup, prompt_tokens=args.prompt_tokens,
+                               new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens)
+    settings.validate()  # before the models load
+    if args.output.is_dir():
+        raise MopError(f"--output {args.output} is a directory; give a JSON file name")
+    candidate = load_model(args.model, args.device, args.dtype)
+    if args.baseline:
+        baseline = load_model(args.baseline, args.device, args.dtype)
+    else:
+        baseline = source_baseline(candidate, args.device, args.dtype)
+    record = benchmark(candidate, baseline, settings)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.output, record)
+    Console().print(summary_table(record))
+
+
+def register_run(commands) -> None:
+    run = commands.add_parser("run", help="prune, recover, evaluate and time every target and seed; write a report")
+    _add_model_options(run)
+    run.add_argument("--out", type=Path, required=True, help="run directory (finished stages are not redone)")
+    run.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated, e.g. 0,1,2 (default 0)")
+    _add_search_options(run)
+    recovery = run.add_argument_group("recovery fine-tuning (mop finetune)")
+    recovery.add_argument("--no-recovery", action="store_true", help="evaluate the pruned checkpoints as they are")
+    recovery.add_argument("--recovery-method", default="sft", choices=["sft", "kd"])
+    recovery.add_argument("--recovery-data", default="alpaca")
+    recovery.add_argument("--recovery-epochs", type=float, default=2.0)
+    recovery.add_argument("--recovery-steps", type=int, default=None, help="optimizer steps (overrides the epochs)")
+    recovery.add_argument("--recovery-batch-size", type=int, default=16)
+    recovery.add_argument("--recovery-micro-batch-size", type=int, default=4)
+    recovery.add_argument("--recovery-max-length", type=int, default=512)
+    evaluation = run.add_argument_group("evaluation (mop eval)")
+    evaluation.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,wikitext")
+    evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
+    evaluation.add_argument("--eval-batch-size", type=int, default=8)
+    evaluation.add_argument("--eval-ppl-segment-length", type=int, default=2048)
+    latency = run.add_argument_group("latency (mop bench)")
+    latency.add_argument("--no-bench", action="store_true", help="do not time the checkpoints")
+    latency.add_argument("--bench-runs", type=int, default=20)
+    latency.add_argument("--bench-warmup", type=int, default=10)
+    run.set_defaults(handler=cmd_run)
+
+
+def _seed_list(spec: str) -> list[int]:
+    try:
+        return [int(seed) for seed in spec.split(",") if seed.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {spec!r}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from mop.latency import LatencySettings
+    from mop.pipeline import PipelineConfig, run_pipeline
+    from mop.tuning import FinetuneConfig, LoraSettings
+
+    recovery = None if args.no_recovery else FinetuneConfig(
+        data=args.recovery_data, epochs=args.recovery_epochs, max_steps=args.recovery_steps,
+        method=args.recovery_method, lora=LoraSettings(batch_size=args.recovery_batch_size,
+                                                       micro_batch_size=args.recovery_micro_batch_size,
+                                                       max_length=args.recovery_max_length))
+    config = PipelineConfig(
+        search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], eval_limit=args.eval_limit,
+        eval_batch_size=args.eval_batch_size, ppl_segment_length=args.eval_ppl_segment_length,
+        latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
+        device=args.device, dtype=args.dtype)
+    run_pipeline(args.model, config, args.out)
+    Console().print(f"report: {args.out / 'report.md'}")
 
 
 def print_summary(state) -> None:
@@ -95,6 +282,7 @@ def print_summary(state) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; ours show the work that takes time
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -1,0 +1,136 @@
+"""`mop run`: the paper's whole recipe in one resumable command — per seed, one MoP search to every target, then
+recovery fine-tuning, zero-shot evaluation and latency of every checkpoint, then the report.
+
+    OUT/pipeline.json                  the settings (a rerun with other settings is refused)
+    OUT/dense/eval.json                the original model's evaluation
+    OUT/seed-S/prune/                  the search (run.json, target-XX/ checkpoints)
+    OUT/seed-S/recovered/target-XX/    the recovered checkpoint (plain HF + mop.json)
+    OUT/seed-S/{eval,bench}/target-XX.json
+    OUT/report.md, OUT/*.png, OUT/results.json
+
+Every stage writes its output atomically and is skipped when that output exists, so an interrupted run carries
+on where it stopped; more seeds or targets can be added to a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mop.errors import MopError
+from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
+from mop.latency import LatencySettings, benchmark
+from mop.models import load_model
+from mop.search import Search, SearchConfig, target_name
+from mop.state import write_json_atomic
+from mop.tuning import FinetuneConfig, finetune
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    search: SearchConfig  # its seed is replaced by each of `seeds`
+    seeds: list[int] = field(default_factory=lambda: [0])
+    recovery: FinetuneConfig | None = field(default_factory=FinetuneConfig)  # None: evaluate the pruned checkpoints
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande",
+                                                      "wikitext"])
+    eval_limit: int | None = None  # documents per task (and perplexity segments)
+    eval_batch_size: int = 8
+    ppl_segment_length: int = 2048
+    latency: LatencySettings | None = field(default_factory=LatencySettings)  # None: no timing
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        self.search.validate()
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise MopError(f"--seeds needs distinct seeds, not {self.seeds}")
+        if self.recovery is not None:
+            self.recovery.validate()
+        validate_tasks(self.tasks)
+        validate_settings(self.eval_limit, self.eval_batch_size, self.ppl_segment_length)
+        if self.latency is not None:
+            self.latency.validate()
+
+    def identity(self) -> dict:
+        """Settings that decide the results; seeds and targets may grow between runs of one directory."""
+        settings = asdict(self)
+        settings.pop("seeds")
+        settings["search"] = {k: v for k, v in settings["search"].items() if k not in ("targets", "seed")}
+        return settings
+
+
+def stage(output: Path, compute: Callable[[], dict], what: str) -> dict:
+    """The record in `output` if a previous run wrote it, else `compute()` written there atomically."""
+    if output.is_file():
+        log.info("%s: done already (%s)", what, output)
+        return json.loads(output.read_text())
+    log.info("%s ...", what)
+    record = compute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, record)
+    return record
+
+
+def claim(out: Path, config: PipelineConfig) -> None:
+    """Record the settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
+    settings = out / "pipeline.json"
+    if settings.is_file():
+        saved = json.loads(settings.read_text())["identity"]
+        if saved != json.loads(json.dumps(config.identity())):
+            differs = sorted(k for k in saved.keys() | config.identity().keys()
+                             if json.dumps(saved.get(k)) != json.dumps(config.identity().get(k)))
+            raise MopError(f"{out} holds a run with other settings (differs in: {', '.join(differs)}); choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise MopError(f"{out} is not empty and holds no mop run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings, {"identity": config.identity(), "seeds": config.seeds,
+                                 "targets": config.search.targets})
+
+
+def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str, Path]:
+    """One search to every target (skipped when every target's checkpoint exists); target name → checkpoint."""
+    checkpoints = {target_name(t): out / target_name(t) for t in sorted(config.search.targets)}
+    if not all((path / "mop.json").is_file() for path in checkpoints.values()):
+        log.info("seed %d: MoP search to %s", seed, ", ".join(checkpoints))
+        loaded = load_model(model, config.device, config.dtype)
+        Search(loaded, replace(config.search, seed=seed), out).run()
+    return checkpoints
+
+
+def run_pipeline(model: str, config: PipelineConfig, out: Path) -> dict:
+    """Prune → recover → evaluate → time, for every seed and target; returns the report's results."""
+    from mop.report import write_report
+
+    config.validate()
+    for task in config.tasks:  # a task whose documents cannot be read fails now, not after hours of pruning
+        if task != PERPLEXITY_TASK:
+            build_task(task)
+    claim(out, config)
+
+    def evaluated(checkpoint: str) -> dict:
+        return evaluate(load_model(checkpoint, config.device, config.dtype), config.tasks, config.eval_limit,
+                        config.eval_batch_size, config.ppl_segment_length)
+
+    def timed(checkpoint: str) -> dict:
+        candidate = load_model(checkpoint, config.device, config.dtype)
+        return benchmark(candidate, load_model(model, config.device, config.dtype), config.latency)
+
+    stage(out / "dense" / "eval.json", lambda: evaluated(model), f"evaluate {model}")
+    for seed in config.seeds:
+        seed_dir = out / f"seed-{seed}"
+        for name, pruned in prune(model, config, seed, seed_dir / "prune").items():
+            final = pruned
+            if config.recovery is not None:
+                final = seed_dir / "recovered" / name
+                if not (final / "mop.json").is_file():
+                    log.info("seed %d, %s: recovery fine-tuning", seed, name)
+                    finetune(str(pruned), final, replace(config.recovery, seed=seed), config.device, config.dtype)
+            stage(seed_dir / "eval" / f"{name}.json", lambda: evaluated(str(final)), f"seed {seed}, {name}: evaluate")
+            if config.latency is not None:
+                stage(seed_dir / "bench" / f"{name}.json", lambda: timed(str(final)), f"seed {seed}, {name}: latency")
+    return write_report(out, model, config)

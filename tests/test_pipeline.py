@@ -1,0 +1,87 @@
+"""`mop run` on a tiny model: every stage's output exists, the report's numbers are the stages' numbers, a rerun
+redoes nothing, a new seed only adds its own stages, and another run's directory is refused."""
+
+import json
+import statistics
+
+import pytest
+
+import mop.pipeline
+from mop.cli import main
+from mop.errors import MopError
+from mop.latency import LatencySettings
+from mop.pipeline import PipelineConfig, run_pipeline
+from mop.search import SearchConfig
+from mop.tuning import FinetuneConfig, LoraSettings
+
+SEARCH = dict(calib_samples=8, calib_max_length=64)
+
+
+def tiny_config(seeds, **changes) -> PipelineConfig:
+    settings = dict(
+        search=SearchConfig(targets=[0.2, 0.4], **SEARCH), seeds=seeds,
+        recovery=FinetuneConfig(max_steps=2, lora=LoraSettings(batch_size=4, micro_batch_size=2, max_length=96)),
+        tasks=["arc_easy", "winogrande", "wikitext"], eval_limit=4, eval_batch_size=4, ppl_segment_length=128,
+        latency=LatencySettings(runs=3, warmup=1, new_tokens=4, prefill_tokens=16))
+    return PipelineConfig(**{**settings, **changes})
+
+
+@pytest.fixture
+def stage_calls(monkeypatch) -> list[str]:
+    """The outputs of the stages that actually computed something."""
+    calls, stage = [], mop.pipeline.stage
+
+    def counting(output, compute, what):
+        return stage(output, lambda: (calls.append(output.name), compute())[1], what)
+
+    monkeypatch.setattr(mop.pipeline, "stage", counting)
+    return calls
+
+
+def test_run_writes_every_stage_and_a_report_of_their_numbers(tiny_dirs, tmp_path, stage_calls):
+    out = tmp_path / "run"
+    results = run_pipeline(str(tiny_dirs["llama-gqa"]), tiny_config([0]), out)
+    assert sorted(stage_calls) == ["eval.json", "target-20.json", "target-20.json", "target-40.json", "target-40.json"]
+    for name in ("target-20", "target-40"):
+        recovered = json.loads((out / "seed-0" / "recovered" / name / "mop.json").read_text())
+        assert recovered["finetune"]["steps"] == 2
+        evaluation = json.loads((out / "seed-0" / "eval" / f"{name}.json").read_text())
+        latency = json.loads((out / "seed-0" / "bench" / f"{name}.json").read_text())
+        row = results["checkpoints"][name][0]
+        assert row["path"] == recovered["path"] and row["compression"] == recovered["compression"] >= 0.2
+        assert row["tasks"] == {"arc_easy": evaluation["tasks"]["arc_easy"]["acc_norm"],
+                                "winogrande": evaluation["tasks"]["winogrande"]["acc"]}
+        assert row["average"] == pytest.approx(statistics.mean(row["tasks"].values()))
+        assert row["perplexity"] == evaluation["tasks"]["wikitext"]["perplexity"]
+        assert row["speedup"] == latency["speedup"]["mean"]
+    report = (out / "report.md").read_text()
+    assert "| target-40 |" in report and "| dense |" in report and f"`{row['path']}`" in report
+    for plot in ("accuracy_vs_compression.png", "accuracy_vs_latency.png", "paths.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "results.json").read_text())["checkpoints"]["target-40"]["0"]["params"] == row["params"]
+
+    stage_calls.clear()  # a rerun redoes nothing ...
+    same = lambda record: json.loads(json.dumps(record))
+    assert same(run_pipeline(str(tiny_dirs["llama-gqa"]), tiny_config([0]), out)) == same(results)
+    assert stage_calls == []
+    run_pipeline(str(tiny_dirs["llama-gqa"]), tiny_config([0, 1]), out)  # ... and a new seed adds only its stages
+    assert sorted(stage_calls) == ["target-20.json", "target-20.json", "target-40.json", "target-40.json"]
+    report = (out / "report.md").read_text()
+    assert "## Worst seed" in report and "±" in report
+
+
+def test_run_refuses_another_runs_directory(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config([0], recovery=None, latency=None, tasks=["wikitext"])
+    run_pipeline(str(tiny_dirs["mistral"]), config, out)
+    with pytest.raises(MopError, match="other settings.*eval_limit"):
+        run_pipeline(str(tiny_dirs["mistral"]), tiny_config([0], recovery=None, latency=None, tasks=["wikitext"],
+                                                             eval_limit=5), out)
+
+
+def test_run_cli_fails_fast_on_a_task_without_data(tiny_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "run"
+    code = main(["run", str(tiny_dirs["qwen2"]), "--target", "0.2", "--out", str(out), "--tasks", "arc_challenge"])
+    assert code == 2 and "arc_challenge" in capsys.readouterr().err
+    assert not out.exists()

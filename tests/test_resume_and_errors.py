@@ -1,0 +1,159 @@
+"""Interrupted runs lose nothing (a killed `mop prune` resumes to bitwise the same result), and bad input gets a
+one-line error, a non-zero exit, and leaves the output directory as it was."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mop.cli import main
+
+SMALL = ["--calib-samples", "8", "--calib-max-length", "64", "--path-samples", "8", "--path-max-length", "64",
+         "--tune-batch-size", "4", "--tune-micro-batch-size", "2", "--tune-max-length", "128"]
+
+
+def prune_command(model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mop.cli", "prune", str(model), "--out", str(out), *SMALL, *extra]
+
+
+def iterations_logged(out: Path) -> int:
+    try:
+        return len(json.loads((out / "run.json").read_text())["iterations"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_killed_run_resumes_to_bitwise_identical_result(tiny_dirs, tmp_path):
+    """kl criterion with short tuning (slow enough to be killed between iterations), two targets."""
+    args = ["--target", "0.2", "--target", "0.55", "--path-criterion", "kl", "--tune-steps", "1", "--seed", "3"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    subprocess.run(prune_command(tiny_dirs["llama-gqa"], whole, *args), check=True, capture_output=True)
+    total = iterations_logged(whole)
+
+    process = subprocess.Popen(prune_command(tiny_dirs["llama-gqa"], resumed, *args), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while iterations_logged(resumed) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before_kill = iterations_logged(resumed)
+    assert 2 <= done_before_kill < total, "the run was not interrupted part-way"
+
+    subprocess.run(prune_command(tiny_dirs["llama-gqa"], resumed, *args), check=True, capture_output=True)
+    run_whole, run_resumed = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
+    strip = lambda run: [{k: v for k, v in r.items() if k != "seconds"} for r in run["iterations"]]
+    assert strip(run_resumed) == strip(run_whole)  # same path, scores, indices, parameter counts
+    assert run_resumed["targets"] == run_whole["targets"]
+    for name in ("target-20", "target-55"):
+        weights = sorted(p.name for p in (whole / name).glob("*.safetensors"))
+        assert weights
+        for file in weights:
+            assert (resumed / name / file).read_bytes() == (whole / name / file).read_bytes(), (name, file)
+    assert not list(resumed.glob("*.partial"))
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_dirs, tmp_path):
+    args = [str(tiny_dirs["mistral"]), "--out", str(tmp_path), "--target", "0.25", *SMALL]
+    assert main(["prune", *args]) == 0
+    before = snapshot(tmp_path)
+    assert main(["prune", *args]) == 0
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def corrupt_dirs(tiny_dirs, tmp_path) -> dict[str, Path]:
+    """A directory without config.json, one with an unreadable config, one with truncated weights."""
+    dirs = {name: tmp_path / name for name in ("empty", "bad-config", "bad-weights")}
+    for name, directory in dirs.items():
+        directory.mkdir()
+        if name != "empty":
+            for file in tiny_dirs["llama-gqa"].iterdir():
+                (directory / file.name).write_bytes(file.read_bytes())
+    (dirs["bad-config"] / "config.json").write_text("{not json")
+    weights = dirs["bad-weights"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return dirs
+
+
+def run_error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("mop: error: "), (code, err)
+    return err[0]
+
+
+@pytest.mark.parametrize("target, message", [("1.5", "outside (0, 1)"), ("0", "outside (0, 1)"),
+                                             ("-0.2", "outside (0, 1)"), ("0.97", "cannot be reached")])
+def test_bad_targets(tiny_dirs, tmp_path, capsys, target, message):
+    out = tmp_path / "out"
+    assert message in run_error(capsys, "prune", str(tiny_dirs["llama-gqa"]), "--target", target, "--out", str(out))
+    assert not out.exists()
+
+
+def test_unreachable_target_depends_on_mode(tiny_dirs, tmp_path, capsys):
+    """Depth mode keeps two of six layers, so 0.7 is out of its reach but not of the mixture's."""
+    line = run_error(capsys, "prune", str(tiny_dirs["llama-gqa"]), "--target", "0.7", "--mode", "depth",
+                     "--out", str(tmp_path / "out"))
+    assert "cannot be reached in mode depth" in line
+
+
+@pytest.mark.parametrize("name, message", [("missing", "not found"), ("empty", "no config.json"),
+                                           ("bad-config", "cannot be read"), ("bad-weights", "cannot load")])
+def test_missing_or_corrupt_model(corrupt_dirs, tmp_path, capsys, name, message):
+    model = corrupt_dirs.get(name, tmp_path / "does-not-exist")
+    out = tmp_path / "out"
+    assert message in run_error(capsys, "prune", str(model), "--target", "0.2", "--out", str(out))
+    assert not out.exists()
+
+
+def test_unsupported_architecture(tiny_dirs, tmp_path, capsys):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    line = run_error(capsys, "prune", str(model), "--target", "0.2", "--out", str(tmp_path / "out"))
+    assert "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line
+
+
+@pytest.mark.parametrize("option, content", [
+    ("--calib", [{"question": "no text field"}]),
+    ("--calib", {"not": "a list"}),
+    ("--tune-data", [{"text": "no instruction or output"}]),
+])
+def test_data_file_with_wrong_schema(tiny_dirs, tmp_path, capsys, option, content):
+    data_file = tmp_path / "data.json"
+    data_file.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    line = run_error(capsys, "prune", str(tiny_dirs["llama-gqa"]), "--target", "0.2", "--path-criterion", "kl",
+                     option, str(data_file), "--out", str(out), *SMALL)
+    assert str(data_file) in line
+    assert not out.exists()
+
+
+def test_output_directory_of_another_run_is_left_untouched(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_dirs["qwen2"]), "--target", "0.2", "--seed", "0", "--out", str(out), *SMALL]) == 0
+    before = snapshot(out)
+    line = run_error(capsys, "prune", str(tiny_dirs["qwen2"]), "--target", "0.2", "--seed", "1", "--out", str(out),
+                     *SMALL)
+    assert "holds a different run" in line and "seed" in line
+    line = run_error(capsys, "prune", str(tiny_dirs["mistral"]), "--target", "0.2", "--out", str(out), *SMALL)
+    assert "holds a different run" in line and "model_sha256" in line
+    assert snapshot(out) == before
+
+
+def test_non_empty_directory_without_a_run_is_refused(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = run_error(capsys, "prune", str(tiny_dirs["qwen2"]), "--target", "0.2", "--out", str(out), *SMALL)
+    assert "holds no mop run" in line
+    assert snapshot(out) == {"notes.txt": b"mine"}
