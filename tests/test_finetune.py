@@ -70,7 +70,8 @@ def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
     with torch.no_grad():
         loaded.model.model.norm.weight.mul_(10)
     answers = ["Blue sky.", "Red sun.", "Green tree.", "Gold ring."]
-    examples = [data.Example(data.alpaca_prompt({"instruction": f"Name colour {i}."}), a) for i, a in enumerate(answers)]
+    examples = [data.Example(data.alpaca_prompt({"instruction": f"Name colour {i}."}), answer)
+                for i, answer in enumerate(answers)]
     rows = data.sft_rows(loaded.tokenizer, examples, 256)
     settings = LoraSettings(rank=8, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
     progress = tuning.train(tuning.attach_lora(loaded.model, settings, 0), rows, settings, 20, 0,

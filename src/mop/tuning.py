@@ -202,9 +202,6 @@ class Checkpoints:
                 if old != target:
                     shutil.rmtree(old)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
     def _register_hooks(self, accelerator: Accelerator, model: nn.Module) -> None:
         """Make accelerate's save_state / load_state keep the LoRA weights of `model` (the unwrapped peft model)
         in place of the whole model. Under FSDP and DeepSpeed accelerate saves the sharded model itself and
@@ -262,6 +259,8 @@ def train(model: nn.Module, rows: list[Row], settings: LoraSettings, steps: int,
     summed token loss × N / (target positions of the whole effective batch): DDP averages gradients over
     the N processes, so each step follows the gradient of the mean token loss over all B rows, whatever the
     split. Returns the progress (per-step losses, in nats per target token)."""
+    if steps and not rows:
+        raise MopError("no rows to train on")
     accelerator = accelerator or make_accelerator(input_device(model).type)
     processes, rank = accelerator.num_processes, accelerator.process_index
     if settings.batch_size % processes:
@@ -382,6 +381,36 @@ def _training_device(device: str, accelerator: Accelerator) -> str:
     return str(accelerator.device)
 
 
+def _teacher_name(config: FinetuneConfig, provenance: dict, model: str) -> str | None:
+    """kd: the teacher given, else the source model that mop pruned `model` from."""
+    if config.method != "kd":
+        return None
+    teacher = config.teacher or provenance.get("source", {}).get("name")
+    if teacher is None:
+        raise MopError(f"{model} has no mop.json naming its source model: give the teacher with --teacher")
+    return teacher
+
+
+def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: dict, device: str,
+               dtype: str) -> tuple[list[Row], LossFn, dict]:
+    """The rows and loss of the configured method, and the record of their sources; the teacher is loaded
+    on the student's device, in its dtype."""
+    lora, tokenizer = config.lora, loaded.tokenizer
+    if config.method == "sft":
+        rows, data_record = alpaca_rows(tokenizer, config.data, lora.max_length)
+        return rows, cross_entropy_sum, {"data": data_record, "teacher": None}
+    reference = load_model(teacher, device, dtype)
+    if reference.model.config.vocab_size != loaded.model.config.vocab_size:
+        raise MopError(f"teacher {teacher} has another vocabulary than the model")
+    recorded = provenance.get("source", {}).get("sha256")
+    if config.teacher is None and recorded and recorded != reference.weights_sha256:
+        log.warning("teacher %s: weights differ from the source recorded in mop.json", teacher)
+    rows, data_record = text_rows(tokenizer, config.kd_data, lora.max_length)
+    sources = {"data": data_record,
+               "teacher": {"name": teacher, "sha256": reference.weights_sha256, "temperature": config.kd_temperature}}
+    return rows, distillation_sum(reference.model, config.kd_temperature), sources
+
+
 def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu", dtype: str = "float32") -> dict:
     """Recovery fine-tuning of `model` with LoRA; the adapters are merged and the result is written to `out`
     as a plain checkpoint whose mop.json is the source's plus a `finetune` record, which is returned.
@@ -392,13 +421,10 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
     config.validate()
     finished = finished_record(out)  # a foreign `out` is refused before the model loads
     accelerator = make_accelerator(device)
-    loaded = load_model(model, _training_device(device, accelerator), dtype)
+    where = _training_device(device, accelerator)
+    loaded = load_model(model, where, dtype)
     provenance = read_provenance(loaded.directory)
-    teacher = None
-    if config.method == "kd":
-        teacher = config.teacher or provenance.get("source", {}).get("name")
-        if teacher is None:
-            raise MopError(f"{model} has no mop.json naming its source model: give the teacher with --teacher")
+    teacher = _teacher_name(config, provenance, model)
     identity = {"model_sha256": loaded.weights_sha256, "dtype": dtype, "processes": accelerator.num_processes,
                 **config.identity(), "teacher": teacher}
     if finished is not None:
@@ -406,39 +432,26 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
             raise MopError(f"{out} holds a fine-tune with other settings; choose another --out")
         log.info("%s is already this fine-tune; left as it is", out)
         return finished
-    checkpoints = Checkpoints(state_dir(out), identity, config.save_every)
+    checkpoints = Checkpoints(state_dir(out), identity, config.save_every)  # refuses another fine-tune's state
 
-    lora, tokenizer = config.lora, loaded.tokenizer
-    if config.method == "sft":
-        rows, data_record = alpaca_rows(tokenizer, config.data, lora.max_length)
-        loss_fn, teacher_record = cross_entropy_sum, None
-    else:
-        reference = load_model(teacher, _training_device(device, accelerator), dtype)
-        if reference.model.config.vocab_size != loaded.model.config.vocab_size:
-            raise MopError(f"teacher {teacher} has another vocabulary than {model}")
-        expected = provenance.get("source", {}).get("sha256")
-        if config.teacher is None and expected and expected != reference.weights_sha256:
-            log.warning("teacher %s: weights differ from the source recorded in mop.json", teacher)
-        rows, data_record = text_rows(tokenizer, config.kd_data, lora.max_length)
-        loss_fn = distillation_sum(reference.model, config.kd_temperature)
-        teacher_record = {"name": teacher, "sha256": reference.weights_sha256, "temperature": config.kd_temperature}
+    lora = config.lora
+    rows, loss_fn, sources = _objective(config, loaded, teacher, provenance, where, dtype)
     steps = config.max_steps or math.ceil(config.epochs * len(rows) / lora.batch_size)
-
     peft_model = attach_lora(loaded.model, lora, config.seed)
-    progress = train(peft_model, rows, lora, steps, config.seed, tokenizer.pad_token_id, loss_fn, accelerator,
+    progress = train(peft_model, rows, lora, steps, config.seed, loaded.tokenizer.pad_token_id, loss_fn, accelerator,
                      checkpoints, desc=f"finetune ({config.method})")
     merged = peft_model.merge_and_unload()
     record = {
-        "identity": identity, "method": config.method, "settings": asdict(config), "data": data_record,
-        "teacher": teacher_record, "steps": steps, "epochs": steps * lora.batch_size / len(rows),
-        "processes": accelerator.num_processes, "device": device, "dtype": dtype,
-        "losses": progress.losses, "step_seconds": progress.step_seconds,
+        "identity": identity, "method": config.method, "settings": asdict(config), **sources,
+        "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
+        "device": device, "dtype": dtype, "losses": progress.losses, "step_seconds": progress.step_seconds,
         "seconds": round(sum(progress.step_seconds), 3), "resumed_at": progress.resumed_at,
+        # sha256 of the merged weights as each process holds them: equal entries, bitwise equal weights
         "merged_sha256": gather_object([weights_digest(dict(merged.named_parameters()))]),
         "versions": versions(),
     }
     if accelerator.is_main_process:
         save_checkpoint(loaded, merged, out, {**provenance, "finetune": record})
-        checkpoints.remove()
+        shutil.rmtree(state_dir(out), ignore_errors=True)
     accelerator.wait_for_everyone()
     return record
