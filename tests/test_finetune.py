@@ -123,6 +123,8 @@ def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp
     assert not (tmp_path / "resumed").exists()
     assert json.loads((tuning.state_dir(tmp_path / "resumed") / "progress.json").read_text())["step"] == 2
     monkeypatch.undo()
+    with pytest.raises(MopError, match="state of another fine-tune"):
+        finetune(model, tmp_path / "resumed", small(seed=1))
     resumed = finetune(model, tmp_path / "resumed", small())
     assert resumed["resumed_at"] == [2]
     assert resumed["losses"] == whole["losses"] and resumed["merged_sha256"] == whole["merged_sha256"]
