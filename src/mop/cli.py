@@ -112,7 +112,7 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--save-every", type=int, default=25, help="optimizer steps between resumable states")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--teacher", default=None, help="kd teacher (default: the source model in mop.json)")
-    finetune.add_argument("--kd-data", default="wikitext2", help="kd raw text: wikitext2, c4, alpaca or a file")
+    finetune.add_argument("--kd-data", default="c4", help="kd raw text: c4, wikitext2, alpaca or a file")
     finetune.add_argument("--kd-temperature", type=float, default=1.0)
     finetune.set_defaults(handler=cmd_finetune)
 
@@ -139,7 +139,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def register_eval(commands) -> None:
     from mop.evaluation import TASKS
 
-    evaluate = commands.add_parser("eval", help="zero-shot accuracy through lm-eval (offline) and WikiText-2 perplexity")
+    evaluate = commands.add_parser("eval", help="zero-shot accuracy (lm-eval, offline) and WikiText-2 perplexity")
     _add_model_options(evaluate)
     evaluate.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(TASKS)}")
     evaluate.add_argument("--output", type=Path, required=True, help="JSON file for the full record")

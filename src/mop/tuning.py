@@ -72,7 +72,7 @@ class FinetuneConfig:
     save_every: int = 25  # optimizer steps between resumable states
     method: str = "sft"
     teacher: str | None = None  # kd: default, the source model named in the checkpoint's mop.json
-    kd_data: str = "wikitext2"  # kd: raw text, cut into max_length-token segments
+    kd_data: str = "c4"  # kd: raw text, cut into max_length-token segments (not the perplexity text)
     kd_temperature: float = 1.0
 
     def validate(self) -> None:
