@@ -245,6 +245,22 @@ def test_perplexity_equals_exp_mean_nll(tiny_dirs, tmp_path):
     assert (record["average"], record["average_tasks"]) == (None, [])
 
 
+def test_smollm2_arc_accuracy_and_perplexity(smollm2_dir):
+    """The real tokenizer (no BOS) through lm-eval's HFLM: the same accuracy as the independent computation, and a
+    perplexity in SmolLM2's range."""
+    loaded = load_model("smollm2-135m")
+    n = 6
+    record = evaluate(loaded, ["arc_easy", "wikitext"], limit=n, ppl_segment_length=256)
+    arc = [json.loads(line) for line in (SHARED_DATA / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()[:n]]
+    acc, acc_norm = expected_accuracy(loaded.model, loaded.tokenizer, [
+        ([f"Question: {r['question']['stem']}\nAnswer:"] * len(r["question"]["choices"]),
+         [c["text"] for c in r["question"]["choices"]],
+         [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])) for r in arc])
+    assert (record["tasks"]["arc_easy"]["acc"], record["tasks"]["arc_easy"]["acc_norm"]) == \
+        (pytest.approx(acc), pytest.approx(acc_norm))
+    assert 5 < record["tasks"]["wikitext"]["perplexity"] < 60
+
+
 def test_cli_writes_the_record(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "eval" / "result.json"
     arc = write_arc(tmp_path / "arc.jsonl")

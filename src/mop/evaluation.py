@@ -75,7 +75,8 @@ def read_piqa(path: Path) -> list[dict]:
             label = row.get("label") if isinstance(row, dict) else None
         if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("goal", "sol1", "sol2"))
                 and str(label) in ("0", "1")):
-            raise _record_error(path, number, f"a PIQA record (goal, sol1, sol2, and a 0/1 label in {labels_file.name})")
+            raise _record_error(path, number,
+                                f"a PIQA record (goal, sol1, sol2, and a 0/1 label in {labels_file.name})")
         docs.append({"goal": row["goal"], "sol1": row["sol1"], "sol2": row["sol2"], "label": int(label)})
     return docs
 
@@ -97,7 +98,8 @@ def read_winogrande(path: Path) -> list[dict]:
         doc = {k: row.get(k) for k in ("sentence", "option1", "option2", "answer")} if isinstance(row, dict) else {}
         if not (doc and all(isinstance(v, str) for v in doc.values()) and "_" in doc["sentence"]
                 and doc["answer"] in ("1", "2")):
-            raise _record_error(path, number, 'a WinoGrande record (sentence with "_", option1, option2, answer "1"/"2")')
+            raise _record_error(path, number,
+                                'a WinoGrande record (sentence with "_", option1, option2, answer "1"/"2")')
         docs.append(doc)
     return docs
 
@@ -324,11 +326,12 @@ def summary_table(record: dict) -> Table:
         return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
     table = Table(title=f"{record['model']['name']} (limit {record['limit'] or 'none'})")
-    for column in ("task", "samples", "acc", "acc_norm", "perplexity"):
-        table.add_column(column, justify="left" if column == "task" else "right")
+    table.add_column("task")
+    for column in ("samples", "acc", "acc_norm", "perplexity"):
+        table.add_column(column, justify="right", no_wrap=True)
     for name, result in record["tasks"].items():
         if name == PERPLEXITY_TASK:
-            table.add_row(name, f"{result['segments']} × {result['segment_length']} tokens", "", "",
+            table.add_row(name, f"{result['segments']} × {result['segment_length']}", "", "",
                           f"{result['perplexity']:.3f}")
         else:
             table.add_row(name, str(result["samples"]), score(result["acc"], result["acc_stderr"]),
