@@ -1,19 +1,21 @@
-"""Fixtures: tiny random models of every supported family (saved as plain checkpoint directories with the
-embedded SmolLM2 tokenizer), and MOP_DATA_DIR pointing at ../shared/data."""
+"""Fixtures: tiny random models of every supported family (saved as plain checkpoint directories with a tiny
+BPE tokenizer trained on WikiText-2), MOP_DATA_DIR pointing at ../shared/data, and the hub switched off."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("MOP_DATA_DIR", str(SHARED_DATA))
+# before transformers / huggingface_hub / datasets are imported: they read these once, at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config  # noqa: E402
 
 VOCAB = 512  # the tiny test tokenizer's
 TINY = {
