@@ -11,7 +11,8 @@ import torch
 
 from conftest import tiny_model
 from mop.cli import main
-from mop.latency import LatencySettings, fixed_prompt, greedy_generate, measure, run_order, speedup_stats
+from mop.errors import MopError
+from mop.latency import LatencySettings, benchmark, fixed_prompt, greedy_generate, measure, run_order, speedup_stats
 from mop.models import load_model, save_checkpoint
 from mop.surgery import remove_layer
 
@@ -159,3 +160,10 @@ def test_bench_bad_input(case, pruned_dir, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bars
     assert len(errors) == 1 and errors[0].startswith("mop: error: ")
     assert not output.is_file() and not output.with_name("bench.json.partial").exists()
+
+
+def test_benchmark_refuses_models_in_different_dtypes(tiny_dirs):
+    candidate = load_model(str(tiny_dirs["llama-gqa"]), dtype="float32")
+    baseline = load_model(str(tiny_dirs["llama-gqa"]), dtype="bfloat16")
+    with pytest.raises(MopError, match="share device and dtype"):
+        benchmark(candidate, baseline, LatencySettings(runs=3, warmup=1))

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from mop.criteria import input_device
 from mop.errors import MopError
 from mop.models import LoadedModel, count_params, load_model
+from mop.search import versions
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def measure(models: dict[str, nn.Module], tokenizer, settings: LatencySettings, 
             ) -> dict[str, dict]:
     """Time every model under the protocol, alternating them run by run; per model name, see `summarize`."""
     settings.validate()
-    prompt, long_prompt = fixed_prompt(tokenizer, settings.prompt_tokens), fixed_prompt(tokenizer, settings.prefill_tokens)
+    prompt = fixed_prompt(tokenizer, settings.prompt_tokens)
+    long_prompt = fixed_prompt(tokenizer, settings.prefill_tokens)
     for name, model in models.items():
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and max(settings.prompt_tokens + settings.new_tokens, settings.prefill_tokens) > limit:
@@ -236,8 +238,6 @@ def source_baseline(candidate: LoadedModel, device: str, dtype: str) -> LoadedMo
 
 def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: LatencySettings) -> dict:
     """The full latency record of `candidate`, timed against `baseline` in the same run when one is given."""
-    from mop.search import versions
-
     roles = {"baseline": baseline, "candidate": candidate} if baseline is not None else {"candidate": candidate}
     prompt = fixed_prompt(candidate.tokenizer, settings.prompt_tokens)
     if baseline is not None:
@@ -245,7 +245,8 @@ def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: La
             raise MopError("the baseline and the candidate tokenize the prompt differently; they need one tokenizer")
         placement = {(input_device(m.model), next(m.model.parameters()).dtype) for m in roles.values()}
         if len(placement) > 1:
-            raise MopError(f"the baseline and the candidate must share device and dtype, not {sorted(map(str, placement))}")
+            found = ", ".join(sorted(f"{device} {dtype}" for device, dtype in placement))
+            raise MopError(f"the baseline and the candidate must share device and dtype, not {found}")
     results = measure({role: loaded.model for role, loaded in roles.items()}, candidate.tokenizer, settings)
     for role, loaded in roles.items():
         results[role] = {"name": loaded.name, "weights_sha256": loaded.weights_sha256, **results[role]}
@@ -298,9 +299,7 @@ def summary_table(record: dict) -> Table:
     row("KV cache MiB (end)", lambda r: f"{r['memory']['kv_cache_bytes'] / mebibytes:.2f}")
     if "cuda_peak_allocated_bytes" in record["models"][roles[0]]["memory"]:
         row("CUDA peak MiB", lambda r: f"{r['memory']['cuda_peak_allocated_bytes'] / mebibytes:.1f}")
-    for label, key in (("speedup (end-to-end)", "speedup"), ("speedup (decode)", "decode_speedup")):
-        if record[key] is not None:
-            s = record[key]
-            table.add_row(label, *[""] * (len(roles) - 1), f"{s['mean']:.3f} ± {s['std']:.3f} (ratio of means "
-                                                           f"{s['ratio_of_means']:.3f})")
+    table.caption = "; ".join(
+        f"{label} speedup {s['mean']:.3f} ± {s['std']:.3f} (ratio of means {s['ratio_of_means']:.3f})"
+        for label, s in (("end-to-end", record["speedup"]), ("decode", record["decode_speedup"])) if s is not None)
     return table
