@@ -141,6 +141,7 @@ def test_data_file_with_wrong_schema(tiny_dirs, tmp_path, capsys, option, conten
 def test_output_directory_of_another_run_is_left_untouched(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prune", str(tiny_dirs["qwen2"]), "--target", "0.2", "--seed", "0", "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()  # the finished run's progress bars
     before = snapshot(out)
     line = run_error(capsys, "prune", str(tiny_dirs["qwen2"]), "--target", "0.2", "--seed", "1", "--out", str(out),
                      *SMALL)
