@@ -243,6 +243,9 @@ def test_perplexity_equals_exp_mean_nll(tiny_dirs, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     assert (result["segments"], result["segment_length"], result["tokens"]) == (3, 32, 96)
     assert (record["average"], record["average_tasks"]) == (None, [])
+    capped = evaluate(loaded, ["wikitext"], limit=3, ppl_segment_length=32, task_files={"wikitext": text_file},
+                      ppl_segments=2)["tasks"]["wikitext"]
+    assert (capped["segments"], capped["tokens"]) == (2, 64)
 
 
 def test_smollm2_arc_accuracy_and_perplexity(smollm2_dir):

@@ -146,6 +146,7 @@ def register_eval(commands) -> None:
     evaluate.add_argument("--limit", type=int, help="documents per task, and wikitext segments (default: all)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--ppl-segment-length", type=int, default=2048, help="tokens per wikitext segment")
+    evaluate.add_argument("--ppl-segments", type=int, default=None, help="wikitext segments (default: --limit, or all)")
     evaluate.add_argument("--task-file", type=_task_file, action="append", default=[], metavar="TASK=PATH",
                           help="read TASK's documents from PATH (default: MOP_DATA_DIR, then the hub); repeatable")
     evaluate.set_defaults(handler=cmd_eval)
@@ -166,11 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     task_files = dict(args.task_file)
     validate_tasks(tasks, task_files)  # before the model loads
-    validate_settings(args.limit, args.batch_size, args.ppl_segment_length)
+    validate_settings(args.limit, args.batch_size, args.ppl_segment_length, args.ppl_segments)
     if args.output.is_dir():
         raise MopError(f"--output {args.output} is a directory; give a JSON file name")
     loaded = load_model(args.model, args.device, args.dtype)
-    record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files)
+    record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files,
+                      args.ppl_segments)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output, record)
     Console().print(summary_table(record))
@@ -231,6 +233,8 @@ def register_run(commands) -> None:
     evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
     evaluation.add_argument("--eval-batch-size", type=int, default=8)
     evaluation.add_argument("--eval-ppl-segment-length", type=int, default=2048)
+    evaluation.add_argument("--eval-ppl-segments", type=int, default=None,
+                            help="wikitext segments (default: --eval-limit, or all)")
     latency = run.add_argument_group("latency (mop bench)")
     latency.add_argument("--no-bench", action="store_true", help="do not time the checkpoints")
     latency.add_argument("--bench-runs", type=int, default=20)
@@ -259,6 +263,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], eval_limit=args.eval_limit,
         eval_batch_size=args.eval_batch_size, ppl_segment_length=args.eval_ppl_segment_length,
+        ppl_segments=args.eval_ppl_segments,
         latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
         device=args.device, dtype=args.dtype)
     run_pipeline(args.model, config, args.out)

@@ -235,10 +235,12 @@ def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) 
             raise MopError(f"--task-file {name}={path}: no such file")
 
 
-def validate_settings(limit: int | None, batch_size: int, ppl_segment_length: int) -> None:
-    """Fail before a model loads on a --limit, --batch-size or --ppl-segment-length below its minimum."""
+def validate_settings(limit: int | None, batch_size: int, ppl_segment_length: int,
+                      ppl_segments: int | None = None) -> None:
+    """Fail before a model loads on a --limit, --batch-size, --ppl-segment-length or --ppl-segments below its
+    minimum."""
     for option, value, least in (("limit", limit, 1), ("batch size", batch_size, 1),
-                                 ("ppl segment length", ppl_segment_length, 2)):
+                                 ("ppl segment length", ppl_segment_length, 2), ("ppl segments", ppl_segments, 1)):
         if value is not None and value < least:
             raise MopError(f"{option} must be an integer >= {least}, not {value}")
 
@@ -288,18 +290,20 @@ def paper_average(results: dict) -> tuple[float | None, list[str]]:
 
 
 def evaluate(loaded: LoadedModel, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-             ppl_segment_length: int = 2048, task_files: dict[str, Path] | None = None) -> dict:
-    """Accuracy tasks through lm-eval and `wikitext` perplexity; `limit` caps documents per task (segments for
-    wikitext). `task_files` points tasks at local files (`{"arc_challenge": Path(...)}`)."""
+             ppl_segment_length: int = 2048, task_files: dict[str, Path] | None = None,
+             ppl_segments: int | None = None) -> dict:
+    """Accuracy tasks through lm-eval and `wikitext` perplexity; `limit` caps documents per task, and segments
+    for wikitext unless `ppl_segments` is given. `task_files` points tasks at local files
+    (`{"arc_challenge": Path(...)}`)."""
     tasks = list(dict.fromkeys(tasks))
     validate_tasks(tasks, task_files)
-    validate_settings(limit, batch_size, ppl_segment_length)
+    validate_settings(limit, batch_size, ppl_segment_length, ppl_segments)
     start = time.perf_counter()
     accuracy_tasks = [name for name in tasks if name != PERPLEXITY_TASK]
     results = accuracy(loaded, accuracy_tasks, limit, batch_size, task_files) if accuracy_tasks else {}
     if PERPLEXITY_TASK in tasks:
         data = str((task_files or {}).get(PERPLEXITY_TASK, "wikitext2"))
-        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, limit)
+        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, ppl_segments or limit)
     average, average_tasks = paper_average(results)
     return {
         "tasks": {name: results[name] for name in tasks},

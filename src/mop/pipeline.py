@@ -41,6 +41,7 @@ class PipelineConfig:
     eval_limit: int | None = None  # documents per task (and perplexity segments)
     eval_batch_size: int = 8
     ppl_segment_length: int = 2048
+    ppl_segments: int | None = None  # None: eval_limit
     latency: LatencySettings | None = field(default_factory=LatencySettings)  # None: no timing
     device: str = "cpu"
     dtype: str = "float32"
@@ -52,7 +53,7 @@ class PipelineConfig:
         if self.recovery is not None:
             self.recovery.validate()
         validate_tasks(self.tasks)
-        validate_settings(self.eval_limit, self.eval_batch_size, self.ppl_segment_length)
+        validate_settings(self.eval_limit, self.eval_batch_size, self.ppl_segment_length, self.ppl_segments)
         if self.latency is not None:
             self.latency.validate()
 
@@ -114,7 +115,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path) -> dict:
 
     def evaluated(checkpoint: str) -> dict:
         return evaluate(load_model(checkpoint, config.device, config.dtype), config.tasks, config.eval_limit,
-                        config.eval_batch_size, config.ppl_segment_length)
+                        config.eval_batch_size, config.ppl_segment_length, ppl_segments=config.ppl_segments)
 
     def timed(checkpoint: str) -> dict:
         candidate = load_model(checkpoint, config.device, config.dtype)
