@@ -162,20 +162,30 @@ def _task_file(spec: str) -> tuple[str, Path]:
 def cmd_eval(args: argparse.Namespace) -> None:
     from mop.evaluation import evaluate, summary_table, validate_settings, validate_tasks
     from mop.models import load_model
-    from mop.state import write_json_atomic
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     task_files = dict(args.task_file)
     validate_tasks(tasks, task_files)  # before the model loads
     validate_settings(args.limit, args.batch_size, args.ppl_segment_length, args.ppl_segments)
-    if args.output.is_dir():
-        raise MopError(f"--output {args.output} is a directory; give a JSON file name")
+    _check_output(args.output)
     loaded = load_model(args.model, args.device, args.dtype)
     record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files,
                       args.ppl_segments)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output, record)
-    Console().print(summary_table(record))
+    _write_record(args.output, record, summary_table(record))
+
+
+def _check_output(output: Path) -> None:
+    if output.is_dir():
+        raise MopError(f"--output {output} is a directory; give a JSON file name")
+
+
+def _write_record(output: Path, record: dict, table: Table) -> None:
+    """The command's record into `output` (atomically), its table to the terminal."""
+    from mop.state import write_json_atomic
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, record)
+    Console().print(table)
 
 
 def register_bench(commands) -> None:
@@ -195,22 +205,18 @@ def register_bench(commands) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from mop.latency import LatencySettings, benchmark, source_baseline, summary_table
     from mop.models import load_model
-    from mop.state import write_json_atomic
 
     settings = LatencySettings(runs=args.runs, warmup=args.warmup, prompt_tokens=args.prompt_tokens,
                                new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens)
     settings.validate()  # before the models load
-    if args.output.is_dir():
-        raise MopError(f"--output {args.output} is a directory; give a JSON file name")
+    _check_output(args.output)
     candidate = load_model(args.model, args.device, args.dtype)
     if args.baseline:
         baseline = load_model(args.baseline, args.device, args.dtype)
     else:
         baseline = source_baseline(candidate, args.device, args.dtype)
     record = benchmark(candidate, baseline, settings)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output, record)
-    Console().print(summary_table(record))
+    _write_record(args.output, record, summary_table(record))
 
 
 def register_run(commands) -> None:

@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
