@@ -108,7 +108,8 @@ def amp(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> list
 
     Head h: mean over a prompt's real tokens of ‖W_o[:, h] z_t^(h)‖₁, its contribution to the residual stream;
     a KV group scores the mean of its query heads. Neuron j: mean of |SiLU(gate_j(x))·up_j(x)|, the down_proj
-    input. Both are averaged per prompt, then over prompts. The head contributions are formed a chunk of tokens
+    input. Both are averaged per prompt, then over prompts. The hooks see real tokens only (padding is dropped,
+    not masked), each weighted by 1 / its prompt's length; the head contributions are formed a chunk of tokens
     at a time, so memory stays under CHUNK_ELEMENTS whatever the sequence length.
     """
     shape = adapter.shape(model)
@@ -119,27 +120,23 @@ def amp(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> list
 
     def head_hook(index: int, o_proj: nn.Linear):
         def record(module, args):
-            z = args[0]  # [B, T, H * d_h], the o_proj input
-            b, t, _ = z.shape
-            w = o_proj.weight.view(shape.hidden, shape.heads, shape.head_dim)  # [d, H, d_h]
-            m = state["mask"].to(z.device, z.dtype)
-            sums = torch.zeros(b, shape.heads, device=z.device, dtype=torch.float32)
-            step = max(1, CHUNK_ELEMENTS // (b * shape.heads * shape.hidden))
-            for start in range(0, t, step):
-                zc = z[:, start : start + step].unflatten(-1, (shape.heads, shape.head_dim))  # [B, t', H, d_h]
-                contribution = torch.einsum("bthk,dhk->bthd", zc, w)  # [B, t', H, d]
-                l1 = contribution.abs().sum(-1, dtype=torch.float32)  # [B, t', H]
-                sums += (l1 * m[:, start : start + step, None]).sum(1)
-            heads[index] += (sums / state["tokens"].to(z.device)[:, None]).sum(0).double().cpu()
+            z = args[0][state["real"].to(args[0].device)]  # [N, H·d_h], the o_proj input at real tokens
+            weight = state["token_weight"].to(z.device)  # [N]
+            w = o_proj.weight.view(shape.hidden, shape.heads, shape.head_dim).permute(1, 2, 0)  # [H, d_h, d]
+            sums = torch.zeros(shape.heads, device=z.device, dtype=torch.float32)
+            step = max(1, CHUNK_ELEMENTS // (shape.heads * shape.hidden))
+            for start in range(0, len(z), step):
+                zc = z[start : start + step].view(-1, shape.heads, shape.head_dim).transpose(0, 1)  # [H, n, d_h]
+                l1 = torch.linalg.vector_norm(torch.bmm(zc, w), ord=1, dim=-1, dtype=torch.float32)  # [H, n]
+                sums += l1 @ weight[start : start + step]
+            heads[index] += sums.double().cpu()
 
         return record
 
     def neuron_hook(index: int):
         def record(module, args):
-            x = args[0]  # [B, T, intermediate], SiLU(gate(x)) * up(x)
-            m = state["mask"].to(x.device, torch.float32)
-            sums = torch.einsum("bti,bt->bi", x.abs().float(), m)
-            neurons[index] += (sums / state["tokens"].to(x.device)[:, None]).sum(0).double().cpu()
+            x = args[0][state["real"].to(args[0].device)]  # [N, intermediate], SiLU(gate(x)) * up(x)
+            neurons[index] += (state["token_weight"].to(x.device) @ x.abs().float()).double().cpu()
 
         return record
 
@@ -150,8 +147,9 @@ def amp(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> list
     prompts = 0
     try:
         for batch in batches:
-            state["mask"] = batch.attention_mask
-            state["tokens"] = batch.attention_mask.sum(1).float()
+            real = batch.attention_mask.bool()  # [B, T]
+            state["real"] = real
+            state["token_weight"] = (1 / real.sum(1, keepdim=True).float()).expand(real.shape)[real]  # [N]
             _forward(model, batch)
             prompts += batch.input_ids.shape[0]
     finally:
