@@ -28,10 +28,11 @@ REPORT = ROOT / "docs" / "benchmarks" / "prune.md"
 PRUNE = ["mop", "prune", "smollm2-135m", "--target", "0.2", "--target", "0.4", "--seed", "0"]
 CASES = {
     "prune-random": PRUNE,
-    # kl with a reduced short-tuning schedule: 1·t steps of 2 examples of at most 128 tokens, 64 texts
+    # kl with a reduced short-tuning schedule: 1·t steps of 2 examples of at most 128 tokens; 32 texts of at
+    # most 128 tokens (the paper: 10·t steps of 16 examples, 128 texts)
     "prune-kl": PRUNE + ["--path-criterion", "kl", "--tune-steps", "1", "--tune-batch-size", "2",
-                         "--tune-micro-batch-size", "2", "--tune-max-length", "128", "--path-samples", "64",
-                         "--path-max-length", "256"],
+                         "--tune-micro-batch-size", "2", "--tune-max-length", "128", "--path-samples", "32",
+                         "--path-max-length", "128"],
 }
 
 
