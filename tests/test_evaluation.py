@@ -64,7 +64,7 @@ def write_arc(path, records=ARC_CHALLENGE_RECORDS):
 
 def test_arc_easy_prompts_from_the_local_file():
     task, source = build_task("arc_easy")
-    assert source == str(SHARED_DATA / "arc" / "ARC-Easy-Test.jsonl")
+    assert source == str((SHARED_DATA / "arc" / "ARC-Easy-Test.jsonl").resolve())
     assert requests(task, [0, 1, 14]) == [
         (same_context("Question: Which statement best explains why photosynthesis is the foundation of most food "
                       "webs?\nAnswer:",
@@ -103,7 +103,7 @@ def test_arc_challenge_reads_a_user_file_named_or_under_the_data_dir(tmp_path, m
 def test_hellaswag_prompts_rebuild_ctx_b_as_lm_eval_capitalizes_it(tmp_path):
     """Three ActivityNet tasks (ctx_b rebuilt, capitalized by lm-eval) and two WikiHow tasks (no ctx_b; lm-eval
     removes a bracketed aside the export kept), from the shared file, bz2-compressed like it."""
-    assert local_file("hellaswag").resolve() == SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt.bz2"
+    assert local_file("hellaswag").resolve() == (SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt.bz2").resolve()
     with bz2.open(local_file("hellaswag"), "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     subset = tmp_path / "hellaswag.txt.bz2"
