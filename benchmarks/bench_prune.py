@@ -38,14 +38,16 @@ CASES = {
 
 def timed_child(command: list[str]) -> dict:
     """Wall seconds and peak RSS (bytes) of a child process; the child's own peak, via wait4."""
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, open(Path(out) / "stderr.log", "w+") as log:
+        # stderr to a file, not a pipe: the progress bars would fill a pipe that nobody reads and block the child
         started = time.perf_counter()
-        process = subprocess.Popen(command + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(command + ["--out", str(Path(out) / "run")], stdout=subprocess.DEVNULL, stderr=log)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
         if status != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read()[-2000:]}")
-        run = json.loads((Path(out) / "run.json").read_text())
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed: {log.read()[-2000:]}")
+        run = json.loads((Path(out) / "run" / "run.json").read_text())
     return {"command": " ".join(command + ["--out", "DIR"]), "seconds": round(seconds, 1),
             "peak_rss_bytes": usage.ru_maxrss * 1024, "path": "".join(r["choice"] for r in run["iterations"]),
             "compression": {k: round(v["compression"], 4) for k, v in run["targets"].items()}}
@@ -106,6 +108,7 @@ def write_report(results: dict) -> None:
             extra = (r["peak_rss_bytes"] - results["import_baseline_bytes"]) / model_bytes
             lines.append(f"| {name} | {r['seconds'] / 60:.1f} min | {r['peak_rss_bytes'] / 2**20:.0f} MiB | "
                          f"{r['peak_rss_bytes'] / model_bytes:.2f}× | {extra:.2f}× | `{r['path']}` |")
+    lines += [f"\n{name}: {results[name]['note']}" for name in CASES if "note" in results.get(name, {})]
     lines += ["", "Commands:", ""] + [f"- {name}: `{results[name]['command']}`" for name in CASES if name in results]
     if "amp" in results:
         a = results["amp"]
