@@ -84,21 +84,35 @@ def _from_hub(name: str) -> list | None:
         return None
 
 
-def load_rows(spec: str) -> tuple[list, str]:
-    """Rows of a named set or a file path, and where they came from."""
+def local_path(spec: str) -> Path | None:
+    """The file a data spec reads: the path itself, or the named set under MOP_DATA_DIR; None for the hub."""
     path = Path(spec)
     if path.is_file():
-        return _read_file(path), str(path)
+        return path
     if spec not in NAMED:
         raise MopError(f"data {spec} not found: not a file, nor one of {', '.join(NAMED)}")
     data_dir = os.environ.get("MOP_DATA_DIR")
     if data_dir and (Path(data_dir) / NAMED[spec][0]).is_file():
-        local = Path(data_dir) / NAMED[spec][0]
-        return _read_file(local), str(local)
+        return Path(data_dir) / NAMED[spec][0]
+    return None
+
+
+def source(spec: str) -> str:
+    """Where a data spec's rows come from (a file, or the hub dataset), without reading them."""
+    path = local_path(spec)
+    return str(path) if path is not None else f"hub:{NAMED[spec][1][0]}"
+
+
+def load_rows(spec: str) -> tuple[list, str]:
+    """Rows of a named set or a file path, and where they came from."""
+    path = local_path(spec)
+    if path is not None:
+        return _read_file(path), str(path)
     rows = _from_hub(spec)
     if rows is None:
+        data_dir = os.environ.get("MOP_DATA_DIR")
         raise DataUnavailable(f"{spec}: not under MOP_DATA_DIR ({data_dir or 'unset'}) and the hub is unreachable")
-    return rows, f"hub:{NAMED[spec][1][0]}"
+    return rows, source(spec)
 
 
 def _text_of(row, source: str) -> str:

@@ -342,8 +342,7 @@ def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]
     rows = data.sft_rows(tokenizer, [e for e in examples if e.response.strip()], max_length)
     if not rows:
         raise MopError(f"{spec}: no row keeps a response token within {max_length} tokens")
-    source = data.load_rows(spec)[1]
-    return rows, {"data": spec, "source": source, "examples": len(examples), "rows": len(rows),
+    return rows, {"data": spec, "source": data.source(spec), "examples": len(examples), "rows": len(rows),
                   "dropped": len(examples) - len(rows)}
 
 
@@ -352,7 +351,7 @@ def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]:
     texts = data.load_texts(spec)
     segments = [s.tolist() for s in data.token_segments(tokenizer, texts, max_length)]
     rows = [(ids, ids) for ids in segments if len(ids) > 1]
-    return rows, {"data": spec, "source": data.load_rows(spec)[1], "texts": len(texts), "rows": len(rows),
+    return rows, {"data": spec, "source": data.source(spec), "texts": len(texts), "rows": len(rows),
                   "dropped": len(segments) - len(rows)}
 
 
