@@ -21,7 +21,7 @@ from mop.data import Batch
 LAYER_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], int]] = {}
 WIDTH_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], list["UnitScores"]]] = {}
 PATH_CRITERIA: dict[str, "PathCriterion"] = {}
-CHUNK_ELEMENTS = 1 << 22  # bound on the temporary tensors of a scoring hook (elements)
+CHUNK_ELEMENTS = 1 << 20  # bound on the temporary tensors of a scoring hook (elements)
 
 
 def layer_criterion(name: str):
@@ -45,9 +45,11 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, batch: Batch) -> None:
-    """A forward pass for the hooks' sake: only the last position's logits are computed."""
+    """A forward pass for the hooks' sake: only the last position's logits are computed, and no KV cache is
+    kept (it would hold every layer's keys and values until the pass ends)."""
     device = input_device(model)
-    model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_to_keep=1)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
 
 
 # ---------------------------------------------------------------- layer criteria
@@ -169,7 +171,9 @@ class PathReference:
 
     batches: list[Batch] = field(default_factory=list)  # path texts (cosine, kl)
     hidden: list[torch.Tensor] = field(default_factory=list)  # per batch: F's lm_head input at real tokens [N, d]
-    lm_head_weight: torch.Tensor | None = None  # [V, d], F's
+    # [V, d], F's own tensor, not a copy: surgery keeps the hidden size and builds new tensors rather than
+    # writing into old ones, and LoRA leaves lm_head alone, so it never changes during a search
+    lm_head_weight: torch.Tensor | None = None
     lm_head_bias: torch.Tensor | None = None  # [V] or None
     segments: list[torch.Tensor] = field(default_factory=list)  # perplexity segments, token ids [T]
 
@@ -204,20 +208,22 @@ def final_hidden(model: nn.Module, adapter: DecoderAdapter, batch: Batch) -> tor
     """The lm_head input at the batch's real tokens, [N, d]."""
     device = input_device(model)
     mask = batch.attention_mask.to(device)
-    hidden = adapter.backbone(model)(input_ids=batch.input_ids.to(device), attention_mask=mask).last_hidden_state
+    hidden = adapter.backbone(model)(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+    hidden = hidden.last_hidden_state
     return hidden[mask.bool()]
 
 
 @torch.no_grad()
 def build_reference(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], segments) -> PathReference:
     head = adapter.text_model(model).get_output_embeddings()
-    bias = None if head.bias is None else head.bias.detach().clone()
+    bias = None if head.bias is None else head.bias.detach()
     hidden = [final_hidden(model, adapter, batch).cpu() for batch in batches]
-    return PathReference(batches, hidden, head.weight.detach().clone(), bias, segments)
+    return PathReference(batches, hidden, head.weight.detach(), bias, segments)
 
 
-def _logit_pairs(model: nn.Module, adapter: DecoderAdapter, reference: PathReference, chunk: int = 512):
-    """Yield (reference logits, candidate logits), float32 [n, V], a chunk of positions at a time."""
+def _logit_pairs(model: nn.Module, adapter: DecoderAdapter, reference: PathReference, chunk: int = 128):
+    """Yield (reference logits, candidate logits), float32 [n, V], a chunk of positions at a time (a few
+    [chunk, V] temporaries are all the memory a path score needs beyond the model)."""
     head = adapter.text_model(model).get_output_embeddings()
     for batch, ref_hidden in zip(reference.batches, reference.hidden, strict=True):
         hidden = final_hidden(model, adapter, batch)
@@ -246,9 +252,12 @@ def kl_divergence(model: nn.Module, adapter: DecoderAdapter, reference: PathRefe
     """KL(p_F ‖ q_candidate) over the vocabulary, averaged over positions (nats)."""
     total, positions = 0.0, 0
     for ref, cand in _logit_pairs(model, adapter, reference):
-        log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
-        total += (log_p.exp() * (log_p - log_q)).sum().item()
         positions += len(ref)
+        log_p = F.log_softmax(ref, -1)
+        del ref
+        log_q = F.log_softmax(cand, -1)
+        del cand
+        total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
     return total / positions
 
 
@@ -259,7 +268,7 @@ def segments_perplexity(model: nn.Module, segments: list[torch.Tensor]) -> float
     nll, tokens = 0.0, 0
     for segment in segments:
         ids = segment[None].to(device)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         nll += loss.item() * (ids.shape[1] - 1)
         tokens += ids.shape[1] - 1
     return math.exp(nll / tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from mop.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathRefe
 from mop.errors import MopError
 from mop.models import LoadedModel, count_params, embedding_params, layer_params, save_checkpoint
 from mop.state import RunState
-from mop.surgery import prune_width, remove_layer, structural_copy
-from mop.tuning import LoraSettings, lora_tuned
+from mop.surgery import masked_width, prune_width, remove_layer, structural_copy
+from mop.tuning import LoraSettings, lora_attached, train
 from mop.width import WidthPlan, lowest_units, plan_width
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ class Search:
         config.validate()
         self.loaded, self.config, self.out = loaded, config, out
         self.adapter = loaded.adapter
-        self.model = loaded.model
         self.path = PATH_CRITERIA[config.path_criterion]
         self.original_params = count_params(self.model)
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
@@ -96,6 +96,15 @@ class Search:
         self.tune_rows = self._tune_rows() if self._scores_candidates else []
         self.reference = self._reference() if self._scores_candidates else PathReference()
         self.carry = 0.0  # attention accumulator, groups per layer (see mop.width)
+
+    @property
+    def model(self) -> nn.Module:
+        """F^(t), the current model: `loaded.model`, pruned in place by every step."""
+        return self.loaded.model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self.loaded.model = model
 
     # ------------------------------------------------------------ inputs
 
@@ -153,30 +162,32 @@ class Search:
 
     # ------------------------------------------------------------ one iteration
 
-    def _width_candidate(self, model: nn.Module, plan: WidthPlan, in_place: bool) -> tuple[nn.Module, dict]:
+    def _width_units(self, model: nn.Module, plan: WidthPlan) -> dict:
+        """The KV groups and neurons (indices per layer) the width step removes: the lowest AMP scores."""
         scores = WIDTH_CRITERIA[self.config.width_criterion](model, self.adapter, self.calibration)
         groups, neurons = lowest_units(scores, plan)
-        candidate = model if in_place else structural_copy(model)
-        prune_width(candidate, self.adapter, groups, neurons)
-        return candidate, {"groups": groups, "neurons": neurons}
+        return {"groups": groups, "neurons": neurons}
 
-    def _depth_candidate(self, model: nn.Module, layer: int, in_place: bool) -> nn.Module:
-        candidate = model if in_place else structural_copy(model)
-        remove_layer(candidate, self.adapter, layer)
-        return candidate
-
-    def _score(self, candidate: nn.Module, iteration: int, branch: str) -> float:
-        """Short LoRA tuning (tune_steps_per_iteration × t steps on this iteration's subset), then the path score."""
+    def _score(self, model: nn.Module, iteration: int, width: dict | None = None, layer: int | None = None) -> float:
+        """Path score of one candidate of F^(t-1) = `model`: the width candidate (`width` units masked) or the
+        depth candidate (`layer` removed from a structural copy). Either shares every weight with `model`; it
+        is tuned with LoRA (tune_steps_per_iteration × t steps on this iteration's subset), then scored."""
         c = self.config
         steps = c.tune_steps_per_iteration * iteration
         seed = hash_seed(c.seed, iteration)
         rows = data.sample(self.tune_rows, steps * c.lora.batch_size, seed) if steps else []
-        pad = self.loaded.tokenizer.pad_token_id
-        with lora_tuned(candidate, rows or self.tune_rows, c.lora, steps, pad, seed, f"tune {branch} (t={iteration})") as tuned:
-            return self.path.score(tuned, self.adapter, self.reference)
+        candidate = structural_copy(model)
+        if layer is not None:
+            remove_layer(candidate, self.adapter, layer)
+        branch = "depth" if layer is not None else "width"
+        with lora_attached(candidate, c.lora, seed) as peft_model, \
+                masked_width(candidate, self.adapter, **width) if width else nullcontext():
+            train(peft_model, rows or self.tune_rows, c.lora, steps, seed, self.loaded.tokenizer.pad_token_id,
+                  desc=f"tune {branch} (t={iteration})")
+            return self.path.score(candidate, self.adapter, self.reference)
 
-    def step(self, model: nn.Module, iteration: int) -> tuple[nn.Module, dict]:
-        """One iteration of Algorithm 1 on `model` (F^(t-1)); returns F^(t) and the iteration's record."""
+    def step(self, model: nn.Module, iteration: int) -> dict:
+        """One iteration of Algorithm 1: prunes `model` from F^(t-1) to F^(t) in place; returns the record."""
         started = time.perf_counter()
         c, adapter = self.config, self.adapter
         layers = adapter.layers(model)
@@ -188,24 +199,21 @@ class Search:
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
             raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
-        scores = None
-        if len(options) == 1 or not self._scores_candidates:
-            if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
-                choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
-            else:
-                choice, decided_by = coin(c.seed, iteration), c.path_criterion
-            if choice == "W":
-                model, removed = self._width_candidate(model, plan, in_place=True)
-            else:
-                model = self._depth_candidate(model, layer, in_place=True)
+        scores, removed = None, None
+        if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
+            choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
+        elif not self._scores_candidates:
+            choice, decided_by = coin(c.seed, iteration), c.path_criterion
         else:
-            width, removed = self._width_candidate(model, plan, in_place=False)
-            depth = self._depth_candidate(model, layer, in_place=False)
-            scores = {"W": self._score(width, iteration, "width"), "D": self._score(depth, iteration, "depth")}
+            removed = self._width_units(model, plan)
+            scores = {"W": self._score(model, iteration, width=removed), "D": self._score(model, iteration, layer=layer)}
             choice, decided_by = ("W" if scores["W"] <= scores["D"] else "D"), c.path_criterion
-            model = width if choice == "W" else depth
-        if choice == "W":
+        if choice == "W":  # the winner is built from F^(t-1)'s own, untuned weights
+            removed = removed or self._width_units(model, plan)
+            prune_width(model, adapter, removed["groups"], removed["neurons"])
             self.carry = plan.carry_out
+        else:
+            remove_layer(model, adapter, layer)
         params = count_params(model)
         record = {
             "iteration": iteration, "choice": choice, "decided_by": decided_by, "layer": layer,
@@ -214,7 +222,7 @@ class Search:
             "compression": 1 - params / self.original_params, "seconds": round(time.perf_counter() - started, 3),
             "removed": removed if choice == "W" else {"layer": layer},
         }
-        return model, record
+        return record
 
     def replay(self, record: dict) -> None:
         """Apply a logged iteration again (resume): the same indices give bitwise the same weights."""
@@ -243,14 +251,13 @@ class Search:
         bar.update(round(100 * (1 - count_params(self.model) / self.original_params), 1))
         while count_params(self.model) > goal:
             iteration = len(state.iterations) + 1
-            self.model, record = self.step(self.model, iteration)
+            record = self.step(self.model, iteration)
             state.iterations.append(record)
             self._save_reached(state)
             state.save()
             bar.update(min(round(100 * record["compression"], 1) - bar.n, bar.total - bar.n))
             bar.set_postfix(path="".join(r["choice"] for r in state.iterations))
         bar.close()
-        self.loaded.model = self.model
         state.save()
         return state
 

@@ -2,11 +2,15 @@
 
 Every function here builds new, smaller parameters and never writes into existing ones, so a structural copy
 of a model (see `structural_copy`) can be pruned while the model it was copied from stays intact.
+`masked_width` computes what `prune_width` would leave without building anything: the search tunes and scores
+its width candidate that way, so a candidate costs no weight memory.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -80,3 +84,40 @@ def remove_layer(model: nn.Module, adapter: DecoderAdapter, index: int) -> None:
     layers = adapter.layers(model)
     del layers[index]
     adapter.sync_config(model)
+
+
+def _keep_mask(removed: list[int], size: int, repeat: int, like: torch.Tensor) -> torch.Tensor:
+    """[size · repeat] of 1 (kept) and 0 (removed), each index's entry repeated `repeat` times."""
+    mask = torch.ones(size, dtype=like.dtype, device=like.device)
+    mask[list(removed)] = 0
+    return mask.repeat_interleave(repeat)
+
+
+@contextmanager
+def masked_width(model: nn.Module, adapter: DecoderAdapter, groups: list[list[int]], neurons: list[list[int]]
+                 ) -> Iterator[None]:
+    """For the block, `model` computes what `prune_width(model, adapter, groups, neurons)` would leave: the
+    o_proj input columns of the removed groups' query heads and the down_proj inputs of the removed neurons
+    are zeroed by forward pre-hooks, which is the whole contribution of those units to the residual stream.
+
+    The hooks sit on the modules found at o_proj / down_proj when the block is entered, so entering it after
+    LoRA wraps them masks the adapters' inputs too: the removed units get no gradient and add nothing."""
+    shape = adapter.shape(model)
+    handles = []
+
+    def zero(mask: torch.Tensor):
+        return lambda module, args: (args[0] * mask, *args[1:])
+
+    try:
+        for layer, layer_groups, layer_neurons in zip(adapter.layers(model), groups, neurons, strict=True):
+            weight = next(layer.parameters())
+            if layer_groups:
+                heads = _keep_mask(layer_groups, shape.kv_heads, shape.n_rep * shape.head_dim, weight)
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(zero(heads)))
+            if layer_neurons:
+                kept = _keep_mask(layer_neurons, shape.intermediate, 1, weight)
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(zero(kept)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

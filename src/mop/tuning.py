@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -57,6 +57,9 @@ class LoraSettings:
     batch_size: int = 16  # examples per optimizer step, over all processes
     micro_batch_size: int = 4  # examples per forward/backward (gradient accumulation fills batch_size)
     max_length: int = 512  # tokens per example
+    # recompute each decoder layer's activations in the backward pass: about a third more compute, and the
+    # activations of one layer held at a time instead of all of them
+    activation_checkpointing: bool = True
 
 
 @dataclass
@@ -112,15 +115,19 @@ def target_count(row: Row) -> int:
     return sum(label != IGNORE for label in row[1][1:])
 
 
-def _logits(model: nn.Module, batch: data.Batch) -> torch.Tensor:
-    """[B, T-1, V] next-token logits of every position but the last."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+def target_logits(model: nn.Module, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is a target, float32 [N, V], and those targets [N].
+
+    Only these N rows are kept (and, in training, given a gradient): the [B, T, V] logits are freed at once."""
+    is_target = batch.labels[:, 1:] != IGNORE  # [B, T-1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return logits[:, :-1][is_target].float(), batch.labels[:, 1:][is_target]
 
 
 def cross_entropy_sum(model: nn.Module, batch: data.Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the target tokens (labels ≠ IGNORE)."""
-    return F.cross_entropy(_logits(model, batch).flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    logits, targets = target_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def distillation_sum(teacher: nn.Module, temperature: float = 1.0) -> LossFn:
@@ -128,10 +135,9 @@ def distillation_sum(teacher: nn.Module, temperature: float = 1.0) -> LossFn:
     (× temperature², so gradients keep their scale)."""
 
     def loss(model: nn.Module, batch: data.Batch) -> torch.Tensor:
-        targets = batch.labels[:, 1:] != IGNORE  # [B, T-1]
         with torch.no_grad():
-            reference = F.log_softmax(_logits(teacher, batch)[targets].float() / temperature, dim=-1)
-        student = F.log_softmax(_logits(model, batch)[targets].float() / temperature, dim=-1)
+            reference = F.log_softmax(target_logits(teacher, batch)[0] / temperature, dim=-1)
+        student = F.log_softmax(target_logits(model, batch)[0] / temperature, dim=-1)
         return F.kl_div(student, reference, log_target=True, reduction="sum") * temperature**2
 
     return loss
@@ -248,6 +254,21 @@ def make_accelerator(device: str) -> Accelerator:
     return Accelerator(cpu=device == "cpu", device_placement=False)
 
 
+@contextmanager
+def checkpointed_activations(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Activation checkpointing of `model`'s decoder layers (transformers' own, non-reentrant) for the block."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
+        yield
+        return
+    base.activation_checkpointing_enable()
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()  # the embedding hook enable() adds; disable() leaves it to HF's peft
+
+
 def train(model: nn.Module, rows: list[Row], settings: LoraSettings, steps: int, seed: int, pad_id: int,
           loss_fn: LossFn = cross_entropy_sum, accelerator: Accelerator | None = None,
           checkpoints: Checkpoints | None = None, desc: str = "tuning") -> Progress:
@@ -277,42 +298,42 @@ def train(model: nn.Module, rows: list[Row], settings: LoraSettings, steps: int,
     wrapped.train()
     bar = tqdm(range(progress.step, steps), desc=desc, initial=progress.step, total=steps,
                leave=checkpoints is not None, disable=steps == 0 or not accelerator.is_local_main_process)
-    for step in bar:
-        started = time.perf_counter()
-        batch = [rows[i] for i in order[step * settings.batch_size : (step + 1) * settings.batch_size]]
-        targets = sum(target_count(row) for row in batch)
-        mine = batch[rank * share : (rank + 1) * share]
-        micros = [mine[i : i + settings.micro_batch_size] for i in range(0, share, settings.micro_batch_size)]
-        total = 0.0
-        for index, micro in enumerate(micros):
-            with accelerator.no_sync(wrapped) if index < len(micros) - 1 else nullcontext():
-                loss = loss_fn(wrapped, _batch(micro, pad_id, device)) * processes / targets
-                accelerator.backward(loss)
-            total += loss.item()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step = step + 1
-        mean_loss = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=device), "mean")
-        progress.losses.append(mean_loss.item())
-        progress.step_seconds.append(round(time.perf_counter() - started, 4))
-        bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
-        if checkpoints and checkpoints.due(progress.step, steps):
-            checkpoints.save(accelerator, progress)
+    with checkpointed_activations(model, settings.activation_checkpointing):
+        for step in bar:
+            started = time.perf_counter()
+            batch = [rows[i] for i in order[step * settings.batch_size : (step + 1) * settings.batch_size]]
+            targets = sum(target_count(row) for row in batch)
+            mine = batch[rank * share : (rank + 1) * share]
+            micros = [mine[i : i + settings.micro_batch_size] for i in range(0, share, settings.micro_batch_size)]
+            total = 0.0
+            for index, micro in enumerate(micros):
+                with accelerator.no_sync(wrapped) if index < len(micros) - 1 else nullcontext():
+                    loss = loss_fn(wrapped, _batch(micro, pad_id, device)) * processes / targets
+                    accelerator.backward(loss)
+                total += loss.item()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step = step + 1
+            mean_loss = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=device), "mean")
+            progress.losses.append(mean_loss.item())
+            progress.step_seconds.append(round(time.perf_counter() - started, 4))
+            bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
+            if checkpoints and checkpoints.due(progress.step, steps):
+                checkpoints.save(accelerator, progress)
     bar.close()
     model.eval()
     return progress
 
 
 @contextmanager
-def lora_tuned(model: nn.Module, rows: list[Row], settings: LoraSettings, steps: int, pad_id: int, seed: int,
-               desc: str = "tuning") -> Iterator[nn.Module]:
-    """`model` with LoRA adapters trained for `steps`, for the duration of the block; afterwards the adapters
-    are removed and `model` computes exactly what it computed before (its base weights are never written)."""
+def lora_attached(model: nn.Module, settings: LoraSettings, seed: int) -> Iterator[nn.Module]:
+    """`model` wrapped with fresh LoRA adapters (the peft model) for the duration of the block; afterwards the
+    adapters are removed and `model` computes exactly what it computed before (its base weights are never
+    written)."""
     peft_model = attach_lora(model, settings, seed)
     try:
-        train(peft_model, rows, settings, steps, seed, pad_id, desc=desc)
-        yield model
+        yield peft_model
     finally:
         peft_model.unload()
 
