@@ -80,6 +80,29 @@ def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
     assert sum(progress.losses[-3:]) / 3 < 0.5 * progress.losses[0]
 
 
+@pytest.mark.parametrize("family", ["llama-mha", "qwen2"])
+def test_activation_checkpointing_trains_the_same_adapters(tiny_dirs, family):
+    """Recomputing activations in the backward pass (dropout replayed) gives the adapters plain training gives;
+    with either setting the model is left without checkpointing or the embedding hook it adds."""
+    trained = []
+    for checkpointing in (False, True):
+        loaded = load_model(str(tiny_dirs[family]))
+        rows, _ = tuning.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
+        settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256,
+                                activation_checkpointing=checkpointing)
+        peft_model = tuning.attach_lora(loaded.model, settings, 0)
+        progress = tuning.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
+        adapters = tuning.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        trained.append((progress.losses, adapters))
+        assert not loaded.model.is_activation_checkpointing
+        assert not getattr(loaded.model, "_require_grads_hooks", None)
+    (plain_losses, plain), (losses, checkpointed) = trained
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert plain.keys() == checkpointed.keys() and any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)
+
+
 def test_merged_checkpoint_reloads_with_the_tuned_logits(tiny_dirs, tmp_path):
     loaded = load_model(str(tiny_dirs["qwen2"]))
     ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(0))

@@ -61,6 +61,8 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-batch-size", type=int, default=16)
     parser.add_argument("--tune-micro-batch-size", type=int, default=4)
     parser.add_argument("--tune-max-length", type=int, default=512)
+    parser.add_argument("--no-activation-checkpointing", action="store_true",
+                        help="keep every layer's activations while training LoRA: faster, much more memory")
 
 
 def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
@@ -75,7 +77,7 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,
         tune_steps_per_iteration=args.tune_steps,
         lora=LoraSettings(batch_size=args.tune_batch_size, micro_batch_size=args.tune_micro_batch_size,
-                          max_length=args.tune_max_length),
+                          max_length=args.tune_max_length, activation_checkpointing=not args.no_activation_checkpointing),
     )
     config.validate()
     return config
@@ -109,6 +111,8 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--rank", type=int, default=32)
     finetune.add_argument("--alpha", type=int, default=10)
     finetune.add_argument("--dropout", type=float, default=0.05)
+    finetune.add_argument("--no-activation-checkpointing", action="store_true",
+                          help="keep every layer's activations while training LoRA: faster, much more memory")
     finetune.add_argument("--save-every", type=int, default=25, help="optimizer steps between resumable states")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--teacher", default=None, help="kd teacher (default: the source model in mop.json)")
@@ -123,7 +127,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.tuning import FinetuneConfig, LoraSettings, finetune
 
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
-                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length)
+                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                        activation_checkpointing=not args.no_activation_checkpointing)
     config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
                             kd_data=args.kd_data, kd_temperature=args.kd_temperature)
@@ -264,7 +269,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         data=args.recovery_data, epochs=args.recovery_epochs, max_steps=args.recovery_steps,
         method=args.recovery_method, lora=LoraSettings(batch_size=args.recovery_batch_size,
                                                        micro_batch_size=args.recovery_micro_batch_size,
-                                                       max_length=args.recovery_max_length))
+                                                       max_length=args.recovery_max_length,
+                                                       activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], eval_limit=args.eval_limit,
