@@ -50,7 +50,7 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default="alpaca", help="AMP calibration data: alpaca, wikitext2, c4 or a file")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per scoring forward pass")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per scoring forward pass")
     parser.add_argument("--path-data", default="wikitext2", help="data for the cosine/kl/ppl path criteria")
     parser.add_argument("--path-samples", type=int, default=128, help="texts for cosine and kl")
     parser.add_argument("--path-max-length", type=int, default=512, help="tokens per text for cosine and kl")

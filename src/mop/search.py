@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from mop import data
 from mop.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
-from mop.models import LoadedModel, count_params, embedding_params, layer_params, save_checkpoint
+from mop.models import (LoadedModel, count_params, embedding_params, layer_params, release_freed_memory,
+                        save_checkpoint)
 from mop.state import RunState
 from mop.surgery import masked_width, prune_width, remove_layer, structural_copy
 from mop.tuning import LoraSettings, lora_attached, train
@@ -38,7 +39,7 @@ class SearchConfig:
     calib: str = "alpaca"  # AMP and block-influence prompts
     calib_samples: int = 128
     calib_max_length: int = 512
-    batch_size: int = 8  # prompts per scoring forward pass
+    batch_size: int = 4  # prompts per scoring forward pass (AMP, block influence, path references)
     path_data: str = "wikitext2"  # cosine / kl texts and ppl text
     path_samples: int = 128
     path_max_length: int = 512
@@ -252,6 +253,7 @@ class Search:
         while count_params(self.model) > goal:
             iteration = len(state.iterations) + 1
             record = self.step(self.model, iteration)
+            release_freed_memory()  # the iteration's temporaries: the next one starts from the model alone
             state.iterations.append(record)
             self._save_reached(state)
             state.save()
