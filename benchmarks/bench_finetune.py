@@ -1,8 +1,9 @@
 """Recovery fine-tuning benchmark: seconds per optimizer step and peak memory of `mop finetune` on the embedded
-SmolLM2-135M, fp32 vs bf16 on the CPU, at the paper's settings (LoRA r=32 on the seven projections, effective
-batch 16 in micro-batches of 4, Alpaca rows of at most 512 tokens).
+SmolLM2-135M, fp32 vs bf16 on the CPU, and fp32 without activation checkpointing, at the paper's settings
+(LoRA r=32 on the seven projections, effective batch 16 in micro-batches of 4, Alpaca rows of at most 512
+tokens).
 
-    MOP_DATA_DIR=../shared/data python benchmarks/bench_finetune.py [--only fp32|bf16] [--redo]
+    MOP_DATA_DIR=../shared/data python benchmarks/bench_finetune.py [--only CASE] [--redo]
 
 Each case runs `mop finetune` in a child process for a few optimizer steps; its result is cached in
 docs/benchmarks/finetune.json as soon as it finishes (a case is measured again only with --redo or when its
@@ -26,13 +27,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# case -> dtype and extra options (activation checkpointing is on by default)
+CASES = {"fp32": ("float32", []), "bf16": ("bfloat16", []),
+         "fp32, no activation checkpointing": ("float32", ["--no-activation-checkpointing"])}
 
 
-def command(model: str, dtype: str, steps: int, max_length: int) -> list[str]:
+def command(model: str, case: str, steps: int, max_length: int) -> list[str]:
+    dtype, extra = CASES[case]
     return [sys.executable, "-m", "mop.cli", "finetune", model, "--dtype", dtype, "--max-steps", str(steps),
             "--batch-size", "16", "--micro-batch-size", "4", "--max-length", str(max_length),
-            "--save-every", str(steps)]
+            "--save-every", str(steps), *extra]
 
 
 def shown(argv: list[str]) -> str:
@@ -68,7 +72,7 @@ def write_report(results: dict, report: Path) -> None:
              "are the median over the steps after the first (which also warms up); peak RSS covers the whole "
              "process (interpreter, model load, training).", "",
              "| case | s / step | first step | peak RSS | losses | wall time |", "|---|---|---|---|---|---|"]
-    for name in DTYPES:
+    for name in CASES:
         if name in results:
             r = results[name]
             lines.append(f"| {name} | {r['seconds_per_step']:.2f} s | {r['first_step_seconds']:.2f} s | "
@@ -80,13 +84,19 @@ def write_report(results: dict, report: Path) -> None:
         lines += ["", f"bf16 / fp32: {ratio:.2f}× the time per step, {memory:.2f}× the peak memory. On this CPU the "
                   "bf16 base weights with fp32 LoRA adapters (peft's default) train "
                   + ("slower" if ratio > 1 else "faster") + " than fp32."]
-    lines += ["", "Commands:", ""] + [f"- {name}: `{results[name]['command']}`" for name in DTYPES if name in results]
+    plain = "fp32, no activation checkpointing"
+    if "fp32" in results and plain in results:
+        ratio = results["fp32"]["seconds_per_step"] / results[plain]["seconds_per_step"]
+        memory = results["fp32"]["peak_rss_bytes"] / results[plain]["peak_rss_bytes"]
+        lines += ["", f"Activation checkpointing (the default) / none, fp32: {ratio:.2f}× the time per step, "
+                  f"{memory:.2f}× the peak memory."]
+    lines += ["", "Commands:", ""] + [f"- {name}: `{results[name]['command']}`" for name in CASES if name in results]
     report.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=list(DTYPES))
+    parser.add_argument("--only", choices=list(CASES))
     parser.add_argument("--redo", action="store_true", help="measure again even if a result is cached")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per case")
@@ -98,8 +108,8 @@ def main() -> None:
     results.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                            f"{torch.__version__}, {torch.get_num_threads()} threads", max_length=args.max_length)
     report = args.results.with_suffix(".md")
-    for name in [args.only] if args.only else list(DTYPES):
-        argv = command(args.model, DTYPES[name], args.steps, args.max_length)
+    for name in [args.only] if args.only else list(CASES):
+        argv = command(args.model, name, args.steps, args.max_length)
         cached = results.get(name, {}).get("command") == shown(argv)
         if cached and not args.redo:
             continue

@@ -84,16 +84,15 @@ def amp_throughput(repeats: int = 3) -> dict:
     def scoring():
         amp(loaded.model, loaded.adapter, batches)
 
-    def best_of(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
+    # plain and AMP passes alternate, so a slowdown of the machine during the measurement hits both alike
+    plain(), scoring()  # warm-up
+    plain_times, amp_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((plain, plain_times), (scoring, amp_times)):
             started = time.perf_counter()
             fn()
             times.append(time.perf_counter() - started)
-        return statistics.median(times)
-
-    plain_s, amp_s = best_of(plain), best_of(scoring)
+    plain_s, amp_s = statistics.median(plain_times), statistics.median(amp_times)
     return {"tokens": tokens, "batch_size": batch_size, "plain_tokens_per_s": round(tokens / plain_s),
             "amp_tokens_per_s": round(tokens / amp_s),
             "amp_fraction_of_plain": round(plain_s / amp_s, 3), "repeats": repeats}

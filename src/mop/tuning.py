@@ -57,8 +57,9 @@ class LoraSettings:
     batch_size: int = 16  # examples per optimizer step, over all processes
     micro_batch_size: int = 4  # examples per forward/backward (gradient accumulation fills batch_size)
     max_length: int = 512  # tokens per example
-    # recompute each decoder layer's activations in the backward pass: about a third more compute, and the
-    # activations of one layer held at a time instead of all of them
+    # recompute each decoder layer's activations in the backward pass: with frozen base weights the backward
+    # is about one forward, so a step costs ~1.5x the compute (1.75x measured, docs/benchmarks/finetune.md), and
+    # the activations of one layer are held at a time instead of all of them (~0.5x the peak memory)
     activation_checkpointing: bool = True
 
 
