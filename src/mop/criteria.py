@@ -129,7 +129,7 @@ def amp(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> list
             step = max(1, CHUNK_ELEMENTS // (shape.heads * shape.hidden))
             for start in range(0, len(z), step):
                 zc = z[start : start + step].view(-1, shape.heads, shape.head_dim).transpose(0, 1)  # [H, n, d_h]
-                # abs_ then sum: on the CPU, 3x faster than linalg.vector_norm(ord=1) on the same [H, n, d]
+                # abs_ then sum: on the CPU, ~2.6x faster than linalg.vector_norm(ord=1) on the same [H, n, d]
                 l1 = torch.bmm(zc, w).abs_().sum(-1, dtype=torch.float32)  # [H, n]
                 sums += l1 @ weight[start : start + step]
             heads[index] += sums.double().cpu()

@@ -103,10 +103,6 @@ class Search:
         """F^(t), the current model: `loaded.model`, pruned in place by every step."""
         return self.loaded.model
 
-    @model.setter
-    def model(self, model: nn.Module) -> None:
-        self.loaded.model = model
-
     # ------------------------------------------------------------ inputs
 
     @property

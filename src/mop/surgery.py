@@ -89,7 +89,7 @@ def remove_layer(model: nn.Module, adapter: DecoderAdapter, index: int) -> None:
 def _keep_mask(removed: list[int], size: int, repeat: int, like: torch.Tensor) -> torch.Tensor:
     """[size · repeat] of 1 (kept) and 0 (removed), each index's entry repeated `repeat` times."""
     mask = torch.ones(size, dtype=like.dtype, device=like.device)
-    mask[list(removed)] = 0
+    mask[removed] = 0
     return mask.repeat_interleave(repeat)
 
 
