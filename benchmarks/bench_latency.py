@@ -21,8 +21,8 @@ from pathlib import Path
 
 from mop.latency import LatencySettings, benchmark
 from mop.models import LoadedModel, load_model
-from mop.search import target_name
-from mop.state import write_json_atomic
+from mop.pruning.search import target_name
+from mop.provenance import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench-latency"

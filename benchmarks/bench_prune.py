@@ -66,9 +66,9 @@ def import_baseline() -> int:
 def amp_throughput(repeats: int = 5) -> dict:
     """Tokens/s of AMP scoring and of the same forward passes without hooks, over 128 Alpaca prompts."""
     from mop import data
-    from mop.criteria import _forward, amp
+    from mop.pruning.criteria import _forward, amp
     from mop.models import load_model
-    from mop.search import SearchConfig
+    from mop.pruning.search import SearchConfig
 
     loaded = load_model("smollm2-135m")
     texts = data.sample(data.load_calibration("alpaca"), 128, 0)

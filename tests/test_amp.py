@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from mop.adapters import adapter_for
-from mop.criteria import amp
+from mop.models.adapters import adapter_for
+from mop.pruning.criteria import amp
 from mop.data import collate
 
 PROMPTS = [[1, 17, 230, 45, 9, 301, 77], [1, 400, 12], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]

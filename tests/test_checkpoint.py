@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mop.models import count_params, load_model
-from mop.search import Search, SearchConfig
-from mop.tuning import LoraSettings
+from mop.pruning.search import Search, SearchConfig
+from mop.training import LoraSettings
 
 IDS = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(1))
 SMALL = dict(calib_samples=8, calib_max_length=64, path_samples=8, path_max_length=64, tune_steps_per_iteration=1,

@@ -15,7 +15,8 @@ from conftest import SHARED_DATA
 
 from mop.cli import main
 from mop.errors import MopError
-from mop.evaluation import build_task, evaluate, local_file, split_hellaswag_context
+from mop.evaluation import build_task, evaluate, local_file
+from mop.evaluation.tasks import split_hellaswag_context
 from mop.models import load_model
 
 ARC_CHALLENGE_RECORDS = [
@@ -241,11 +242,11 @@ def test_perplexity_equals_exp_mean_nll(tiny_dirs, tmp_path):
             logprobs = torch.log_softmax(loaded.model(segment).logits[0, :-1], -1)
             nll += (-logprobs.gather(-1, segment[0, 1:, None])[:, 0]).tolist()
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
-    assert (result["segments"], result["segment_length"], result["tokens"]) == (3, 32, 96)
+    assert (result["segments"], result["segment_length"], result["tokens_scored"]) == (3, 32, 93)
     assert (record["average"], record["average_tasks"]) == (None, [])
     capped = evaluate(loaded, ["wikitext"], limit=3, ppl_segment_length=32, task_files={"wikitext": text_file},
                       ppl_segments=2)["tasks"]["wikitext"]
-    assert (capped["segments"], capped["tokens"]) == (2, 64)
+    assert (capped["segments"], capped["tokens_scored"]) == (2, 62)
 
 
 def test_smollm2_arc_accuracy_and_perplexity(smollm2_dir):
@@ -327,3 +328,25 @@ def test_wrong_schema_is_one_line(task, content, message, tmp_path):
     path.write_text(content)
     with pytest.raises(MopError, match=message):
         build_task(task, {task: path})
+
+
+def test_wikitext2_text_is_the_standard_protocol_text():
+    """The perplexity text is `"\\n\\n".join(rows)` over all 4,358 rows of wikitext-2-raw-v1 test, blank rows
+    included: character for character the split as the provenance copy wrote it (CRLF line endings)."""
+    from mop.data import perplexity_text, wikitext_rows
+
+    reference = (SHARED_DATA / "wikitext2" / "provenance" / "rotorquant_wikitext-test.txt").read_bytes()
+    assert perplexity_text("wikitext2") == reference.decode("utf-8").replace("\r\n", "\n")
+    rows = wikitext_rows((SHARED_DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8"))
+    assert len(rows) == 4358 and rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+
+
+def test_perplexity_segments_drop_the_tail(tokenizer):
+    """numel // L full segments; the shorter tail is not scored (the standard protocol)."""
+    from mop.data import text_segments
+
+    text = (SHARED_DATA / "wikitext2" / "wiki.test.raw").read_text()[:5000]
+    ids = tokenizer(text)["input_ids"]
+    segments = text_segments(tokenizer, text, 100)
+    assert len(segments) == len(ids) // 100 and all(len(s) == 100 for s in segments)
+    assert torch.equal(torch.cat(segments), torch.tensor(ids[: len(segments) * 100]))

@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mop import cli, data, tuning
+from mop import cli, data, provenance
+from mop.training import checkpoints, lora, loop, losses, recovery
+from peft import get_peft_model_state_dict
 from mop.errors import MopError
 from mop.models import load_model, save_checkpoint
-from mop.surgery import remove_layer
-from mop.tuning import FinetuneConfig, LoraSettings, finetune
+from mop.pruning.surgery import remove_layer
+from mop.training import FinetuneConfig, LoraSettings, finetune
 
 SMALL = LoraSettings(rank=4, batch_size=4, micro_batch_size=2, max_length=256)  # the tiny tokenizer is verbose
 
@@ -49,18 +51,18 @@ def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tok
         {"instruction": "Say nothing.", "input": "", "output": "  "},  # no response: dropped
         {"instruction": long_prompt, "input": "", "output": "Cut away."},  # response beyond max_length: dropped
     ])
-    rows, record = tuning.alpaca_rows(tokenizer, str(source), max_length=256)
+    rows, record = recovery.alpaca_rows(tokenizer, str(source), max_length=256)
     assert (record["examples"], record["rows"], record["dropped"]) == (4, 2, 2)
     for (ids, labels), row in zip(rows, ["Blue.", "5"]):
-        prompt_length = labels.count(tuning.IGNORE)
-        assert labels[:prompt_length] == [tuning.IGNORE] * prompt_length
+        prompt_length = labels.count(losses.IGNORE)
+        assert labels[:prompt_length] == [losses.IGNORE] * prompt_length
         assert labels[prompt_length:] == ids[prompt_length:]  # every response token is learned ...
         assert tokenizer.decode(ids[prompt_length:-1]) == row  # ... the response, then EOS
         assert ids[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(ids[:prompt_length]).endswith("### Response:\n")
         if tokenizer.bos_token_id is not None:
             assert tokenizer.bos_token_id not in ids[1:]  # no BOS mid-sequence
-        assert tuning.target_count((ids, labels)) == len(ids) - prompt_length
+        assert losses.target_count((ids, labels)) == len(ids) - prompt_length
 
 
 def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
@@ -74,7 +76,7 @@ def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
                 for i, answer in enumerate(answers)]
     rows = data.sft_rows(loaded.tokenizer, examples, 256)
     settings = LoraSettings(rank=8, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
-    progress = tuning.train(tuning.attach_lora(loaded.model, settings, 0), rows, settings, 20, 0,
+    progress = loop.train(lora.attach_lora(loaded.model, settings, 0), rows, settings, 20, 0,
                             loaded.tokenizer.pad_token_id)
     assert len(progress.losses) == 20
     assert sum(progress.losses[-3:]) / 3 < 0.5 * progress.losses[0]
@@ -87,12 +89,12 @@ def test_activation_checkpointing_trains_the_same_adapters(tiny_dirs, family):
     trained = []
     for checkpointing in (False, True):
         loaded = load_model(str(tiny_dirs[family]))
-        rows, _ = tuning.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
+        rows, _ = recovery.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
         settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256,
                                 activation_checkpointing=checkpointing)
-        peft_model = tuning.attach_lora(loaded.model, settings, 0)
-        progress = tuning.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
-        adapters = tuning.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        peft_model = lora.attach_lora(loaded.model, settings, 0)
+        progress = loop.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
+        adapters = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         trained.append((progress.losses, adapters))
         assert not loaded.model.is_activation_checkpointing
         assert not getattr(loaded.model, "_require_grads_hooks", None)
@@ -108,10 +110,10 @@ def test_merged_checkpoint_reloads_with_the_tuned_logits(tiny_dirs, tmp_path):
     ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         original = loaded.model(input_ids=ids).logits
-    rows, _ = tuning.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
+    rows, _ = recovery.alpaca_rows(loaded.tokenizer, "alpaca", SMALL.max_length)
     settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=4, max_length=256)
-    peft_model = tuning.attach_lora(loaded.model, settings, 0)
-    tuning.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
+    peft_model = lora.attach_lora(loaded.model, settings, 0)
+    loop.train(peft_model, rows, settings, 3, 0, loaded.tokenizer.pad_token_id)
     with torch.no_grad():
         tuned = peft_model(input_ids=ids).logits
     assert (tuned - original).abs().max() > 1e-3  # the adapters changed the model
@@ -131,20 +133,20 @@ def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp
     assert whole["steps"] == 4 and len(whole["losses"]) == 4 and whole["resumed_at"] == []
     assert whole["data"]["rows"] + whole["data"]["dropped"] == whole["data"]["examples"] == 999
     saved = load_file(tmp_path / "whole" / "model.safetensors")
-    assert whole["merged_sha256"] == [tuning.weights_digest(saved)]
-    assert not tuning.state_dir(tmp_path / "whole").exists()
+    assert whole["merged_sha256"] == [provenance.weights_digest(saved)]
+    assert not checkpoints.state_dir(tmp_path / "whole").exists()
 
-    write = tuning.write_json_atomic
+    write = checkpoints.write_json_atomic
 
     def crash_after_first_state(path, payload):  # dies once the state of step 2 is on disk
         write(path, payload)
         raise Interrupted
 
-    monkeypatch.setattr(tuning, "write_json_atomic", crash_after_first_state)
+    monkeypatch.setattr(checkpoints, "write_json_atomic", crash_after_first_state)
     with pytest.raises(Interrupted):
         finetune(model, tmp_path / "resumed", small())
     assert not (tmp_path / "resumed").exists()
-    assert json.loads((tuning.state_dir(tmp_path / "resumed") / "progress.json").read_text())["step"] == 2
+    assert json.loads((checkpoints.state_dir(tmp_path / "resumed") / "progress.json").read_text())["step"] == 2
     monkeypatch.undo()
     with pytest.raises(MopError, match="state of another fine-tune"):
         finetune(model, tmp_path / "resumed", small(seed=1))
@@ -182,9 +184,9 @@ def test_two_processes_train_the_same_merged_weights(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "mop.json").read_text())["finetune"]
     assert record["processes"] == 2 and record["steps"] == 3
-    digest = tuning.weights_digest(load_file(out / "model.safetensors"))
+    digest = provenance.weights_digest(load_file(out / "model.safetensors"))
     assert record["merged_sha256"] == [digest, digest]
-    assert digest != tuning.weights_digest(load_file(tiny_dirs["llama-mha"] / "model.safetensors"))
+    assert digest != provenance.weights_digest(load_file(tiny_dirs["llama-mha"] / "model.safetensors"))
 
 
 def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_dirs, tmp_path):
@@ -195,10 +197,10 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     save_checkpoint(original, original.model, tmp_path / "teacher", {})
     teacher, same = load_model(str(tmp_path / "teacher")), load_model(str(tmp_path / "teacher"))
     texts = text_file(tmp_path / "text.txt", lines=12)
-    rows, record = tuning.text_rows(teacher.tokenizer, str(texts), 64)
+    rows, record = recovery.text_rows(teacher.tokenizer, str(texts), 64)
     assert record["rows"] >= 8 and all(ids == labels for ids, labels in rows)
-    batch = tuning._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
-    kd = tuning.distillation_sum(teacher.model, temperature=2.0)
+    batch = loop._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
+    kd = losses.distillation_sum(teacher.model, temperature=2.0)
     with torch.no_grad():
         assert kd(same.model, batch).item() == pytest.approx(0, abs=1e-6)
 
@@ -238,4 +240,4 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dirs, tmp_path, capsys):
         out = tmp_path / "out"
         assert cli.main(argv + ["--out", str(out)]) == 2, message
         assert message in capsys.readouterr().err
-        assert not out.exists() and not tuning.state_dir(out).exists()
+        assert not out.exists() and not checkpoints.state_dir(out).exists()

@@ -14,7 +14,7 @@ from mop.cli import main
 from mop.errors import MopError
 from mop.latency import LatencySettings, benchmark, fixed_prompt, greedy_generate, measure, run_order, speedup_stats
 from mop.models import load_model, save_checkpoint
-from mop.surgery import remove_layer
+from mop.pruning.surgery import remove_layer
 
 EOS = 2  # the tiny models' eos_token_id
 TINY_BENCH = ["--runs", "3", "--warmup", "1", "--prompt-tokens", "6", "--new-tokens", "4", "--prefill-tokens", "16"]

@@ -4,9 +4,9 @@ what the physically pruned model computes, with and without LoRA adapters wrappe
 import torch
 
 from conftest import tiny_model
-from mop.adapters import adapter_for
-from mop.surgery import masked_width, prune_width, structural_copy
-from mop.tuning import LoraSettings, lora_attached
+from mop.models.adapters import adapter_for
+from mop.pruning.surgery import masked_width, prune_width, structural_copy
+from mop.training import LoraSettings, lora_attached
 
 
 def _removed(model, adapter, seed: int):

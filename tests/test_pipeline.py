@@ -11,8 +11,8 @@ from mop.cli import main
 from mop.errors import MopError
 from mop.latency import LatencySettings
 from mop.pipeline import PipelineConfig, run_pipeline
-from mop.search import SearchConfig
-from mop.tuning import FinetuneConfig, LoraSettings
+from mop.pruning.search import SearchConfig
+from mop.training import FinetuneConfig, LoraSettings
 
 SEARCH = dict(calib_samples=8, calib_max_length=64)
 

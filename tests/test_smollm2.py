@@ -7,9 +7,9 @@ import subprocess
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mop.adapters import adapter_for
+from mop.models.adapters import adapter_for
 from mop.models import count_params, load_model
-from mop.surgery import prune_width, remove_layer
+from mop.pruning.surgery import prune_width, remove_layer
 
 SMOLLM2_PARAMS = 134_515_008
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from mop.adapters import adapter_for
+from mop.models.adapters import adapter_for
 from mop.models import count_params
-from mop.surgery import prune_width, remove_layer, structural_copy
+from mop.pruning.surgery import prune_width, remove_layer, structural_copy
 
 IDS = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -84,7 +84,7 @@ def test_structural_copy_shares_weights_and_pruning_leaves_original_intact(famil
 
 
 def test_last_unit_is_kept_by_complement():
-    from mop.surgery import complement
+    from mop.pruning.surgery import complement
 
     assert complement([0, 2], 4).tolist() == [1, 3]
     with pytest.raises(IndexError):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mop.adapters import LayerShape
-from mop.width import plan_width
+from mop.models.adapters import LayerShape
+from mop.pruning.width import plan_width
 
 # (shape, layers): a Qwen2-0.5B-like coarse GQA (14 heads / 2 KV heads, d_h 64), SmolLM2, LLaMA-2-7B (MHA)
 SHAPES = {

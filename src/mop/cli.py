@@ -11,9 +11,9 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from mop.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
+from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.errors import MopError
-from mop.search import MODES, SearchConfig
+from mop.pruning.search import MODES, SearchConfig
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     """The options of the MoP search, shared by `mop prune` and `mop run`."""
     parser.add_argument("--target", type=float, action="append", required=True,
                         help="compression ratio in (0, 1); repeat for several checkpoints from one search")
-    parser.add_argument("--mode", default="mop", choices=MODES)
+    parser.add_argument("--method", default="mop",
+                        help="pruning method: mop (the paper's search, see --mode) or a peer (shortgpt, ...)")
+    parser.add_argument("--mode", default="mop", choices=MODES, help="mop's mode: the mixture, depth only, width only")
     parser.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
     parser.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
     parser.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
@@ -67,10 +69,10 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
 
 def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
     """The validated search settings of a `prune` or `run` command line (bad options fail before a model loads)."""
-    from mop.tuning import LoraSettings
+    from mop.training import LoraSettings
 
     config = SearchConfig(
-        targets=args.target, mode=args.mode, layer_criterion=args.layer_criterion,
+        targets=args.target, method=args.method, mode=args.mode, layer_criterion=args.layer_criterion,
         width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed, calib=args.calib,
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
@@ -80,16 +82,20 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
                           max_length=args.tune_max_length, activation_checkpointing=not args.no_activation_checkpointing),
     )
     config.validate()
+    from mop.pruning.methods import PRUNING_METHODS
+
+    if config.method not in PRUNING_METHODS:
+        raise MopError(f"unknown pruning method {config.method}; choose one of {', '.join(PRUNING_METHODS)}")
     return config
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from mop.models import load_model
-    from mop.search import Search
+    from mop.pruning import methods
 
     config = _search_config(args, args.seed)
     loaded = load_model(args.model, args.device, args.dtype)
-    state = Search(loaded, config, args.out).run()
+    state = methods.prune(loaded, config, args.out)
     print_summary(state)
 
 
@@ -124,7 +130,7 @@ def register_finetune(commands) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from mop.tuning import FinetuneConfig, LoraSettings, finetune
+    from mop.training import FinetuneConfig, LoraSettings, finetune
 
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
                         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
@@ -186,7 +192,7 @@ def _check_output(output: Path) -> None:
 
 def _write_record(output: Path, record: dict, table: Table) -> None:
     """The command's record into `output` (atomically), its table to the terminal."""
-    from mop.state import write_json_atomic
+    from mop.provenance import write_json_atomic
 
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, record)
@@ -263,7 +269,7 @@ def _seed_list(spec: str) -> list[int]:
 def cmd_run(args: argparse.Namespace) -> None:
     from mop.latency import LatencySettings
     from mop.pipeline import PipelineConfig, run_pipeline
-    from mop.tuning import FinetuneConfig, LoraSettings
+    from mop.training import FinetuneConfig, LoraSettings
 
     recovery = None if args.no_recovery else FinetuneConfig(
         data=args.recovery_data, epochs=args.recovery_epochs, max_steps=args.recovery_steps,

@@ -134,6 +134,27 @@ def load_texts(spec: str) -> list[str]:
     return texts
 
 
+def wikitext_rows(raw: str) -> list[str]:
+    """The rows of Hugging Face's `wikitext-2-raw-v1` split from its `wiki.*.raw` file: one row a line, each
+    non-empty row with its trailing newline, each blank (whitespace-only) line an empty row."""
+    return [line + "\n" if line.strip() else "" for line in raw.removesuffix("\n").split("\n")]
+
+
+def perplexity_text(spec: str) -> str:
+    """The text perplexity is measured on: for WikiText-2, `"\n\n".join(rows)` over every row of the test
+    split, blank rows included (the protocol of LLM-Pruner, SliceGPT, Wanda, ShortGPT); for other data, its
+    non-empty texts joined by blank lines."""
+    if spec == "wikitext2":
+        path = local_path(spec)
+        if path is not None:
+            rows = wikitext_rows(path.read_text(encoding="utf-8"))
+        else:
+            hub_rows, _ = load_rows(spec)
+            rows = [row["text"] for row in hub_rows]
+        return "\n\n".join(rows)
+    return "\n\n".join(load_texts(spec))
+
+
 def load_examples(spec: str) -> list[Example]:
     """Instruction-tuning rows (Alpaca schema: instruction, input, output)."""
     rows, source = load_rows(spec)
@@ -185,9 +206,18 @@ def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) 
 
 
 def token_segments(tokenizer, texts: list[str], length: int, limit: int | None = None) -> list[torch.Tensor]:
-    """The texts joined by blank lines, tokenized, cut into `length`-token segments (perplexity protocol)."""
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
-    segments = [ids[i : i + length] for i in range(0, len(ids) - 1, length)]
+    """The texts joined by blank lines, tokenized, cut into `length`-token segments ([length] ids each); a
+    shorter tail is kept only if there is no full segment."""
+    return text_segments(tokenizer, "\n\n".join(texts), length, limit)
+
+
+def text_segments(tokenizer, text: str, length: int, limit: int | None = None) -> list[torch.Tensor]:
+    """`text` tokenized once and cut into consecutive `length`-token segments; the tail shorter than `length`
+    is dropped (`numel // length` segments, the standard perplexity protocol) unless it is all there is.
+    `limit` keeps the first `limit` segments."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    count = max(len(ids) // length, 1) if len(ids) > 1 else 0
+    segments = [ids[i * length : (i + 1) * length] for i in range(count)]
     return segments[:limit] if limit else segments
 
 

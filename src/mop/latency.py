@@ -20,10 +20,9 @@ import torch.nn as nn
 from rich.table import Table
 from transformers import DynamicCache
 
-from mop.criteria import input_device
 from mop.errors import MopError
-from mop.models import LoadedModel, count_params, load_model
-from mop.search import versions
+from mop.models import LoadedModel, count_params, input_device, load_model
+from mop.provenance import versions
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from mop.errors import MopError
 from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
 from mop.latency import LatencySettings, benchmark
 from mop.models import load_model
-from mop.search import Search, SearchConfig, target_name
-from mop.state import write_json_atomic
-from mop.tuning import FinetuneConfig, finetune
+from mop.pruning import methods
+from mop.pruning.search import SearchConfig, target_name
+from mop.provenance import write_json_atomic
+from mop.training import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str,
     if not all((path / "mop.json").is_file() for path in checkpoints.values()):
         log.info("seed %d: MoP search to %s", seed, ", ".join(checkpoints))
         loaded = load_model(model, config.device, config.dtype)
-        Search(loaded, replace(config.search, seed=seed), out).run()
+        methods.prune(loaded, replace(config.search, seed=seed), out)
     return checkpoints
 
 

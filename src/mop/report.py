@@ -13,8 +13,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
-from mop.search import target_name  # noqa: E402
-from mop.state import write_json_atomic  # noqa: E402
+from mop.pruning.search import target_name  # noqa: E402
+from mop.provenance import write_json_atomic  # noqa: E402
 
 PATH_COLOURS = {"D": "#c0504d", "W": "#4f81bd"}
 

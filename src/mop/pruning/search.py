@@ -4,7 +4,6 @@ one, and repeat until every target compression is reached; a checkpoint is writt
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 from contextlib import nullcontext
@@ -15,22 +14,27 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mop import data
-from mop.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
+from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
+from mop.provenance import versions
 from mop.models import (LoadedModel, count_params, embedding_params, layer_params, release_freed_memory,
                         save_checkpoint)
-from mop.state import RunState
-from mop.surgery import masked_width, prune_width, remove_layer, structural_copy
-from mop.tuning import LoraSettings, lora_attached, train
-from mop.width import WidthPlan, lowest_units, plan_width
+from mop.pruning.state import RunState
+from mop.pruning.surgery import masked_width, prune_width, remove_layer, structural_copy
+from mop.training import LoraSettings, lora_attached, train
+from mop.pruning.width import WidthPlan, lowest_units, plan_width
 
 log = logging.getLogger(__name__)
 MODES = ("mop", "depth", "width")
+# The calibration prompts and the path texts are one fixed draw, whatever the run's seed: the seed decides the
+# random path and the tuning subsets only, so the spread across seeds is the spread of the path (docs/design.md).
+DATA_SEED = 0
 
 
 @dataclass
 class SearchConfig:
     targets: list[float]
+    method: str = "mop"  # a name in mop.pruning.methods.PRUNING_METHODS; the fields below are its settings
     mode: str = "mop"
     layer_criterion: str = "third_to_last"
     width_criterion: str = "amp"
@@ -70,17 +74,6 @@ def target_name(target: float) -> str:
     return f"target-{round(target * 100):02d}"
 
 
-def versions() -> dict:
-    names = ("mixture-of-pruners", "torch", "transformers", "peft", "accelerate")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 class Search:
     """One MoP run on one loaded model. `run()` resumes from `out/run.json` when it exists."""
 
@@ -114,11 +107,12 @@ class Search:
             return data.load_calibration(spec)
         except data.DataUnavailable as error:
             log.warning("%s", error)
-            return data.sample_texts_from_model(self.model, self.loaded.tokenizer, n, length, self.config.seed)
+            return data.sample_texts_from_model(self.model, self.loaded.tokenizer, n, length, DATA_SEED)
 
     def _calibration(self) -> list[data.Batch]:
         c = self.config
-        texts = data.sample(self._texts_or_samples(c.calib, c.calib_samples, c.calib_max_length), c.calib_samples, c.seed)
+        texts = data.sample(self._texts_or_samples(c.calib, c.calib_samples, c.calib_max_length), c.calib_samples,
+                            DATA_SEED)
         return data.text_batches(self.loaded.tokenizer, texts, c.calib_max_length, c.batch_size)
 
     def _tune_rows(self) -> list:
@@ -127,7 +121,7 @@ class Search:
             examples = data.load_examples(c.tune_data)
         except data.DataUnavailable as error:
             log.warning("%s", error)
-            texts = data.sample_texts_from_model(self.model, self.loaded.tokenizer, 64, c.lora.max_length, c.seed)
+            texts = data.sample_texts_from_model(self.model, self.loaded.tokenizer, 64, c.lora.max_length, DATA_SEED)
             examples = [data.Example("", text) for text in texts]
         rows = data.sft_rows(self.loaded.tokenizer, examples, c.lora.max_length)
         if not rows:
@@ -137,10 +131,16 @@ class Search:
     def _reference(self) -> PathReference:
         """F's outputs on the path data, computed once per run."""
         c, tokenizer = self.config, self.loaded.tokenizer
-        if self.path.needs == "segments":
-            texts = self._texts_or_samples(c.path_data, c.path_samples, c.ppl_segment_length)
-            return PathReference(segments=data.token_segments(tokenizer, texts, c.ppl_segment_length, c.ppl_segments))
-        texts = data.sample(self._texts_or_samples(c.path_data, c.path_samples, c.path_max_length), c.path_samples, c.seed)
+        if self.path.needs == "segments":  # the perplexity protocol of `mop eval` (mop.evaluation.perplexity)
+            try:
+                text = data.perplexity_text(c.path_data)
+            except data.DataUnavailable as error:
+                log.warning("%s", error)
+                text = "\n\n".join(data.sample_texts_from_model(self.model, tokenizer, c.path_samples,
+                                                                  c.ppl_segment_length, DATA_SEED))
+            return PathReference(segments=data.text_segments(tokenizer, text, c.ppl_segment_length, c.ppl_segments))
+        texts = data.sample(self._texts_or_samples(c.path_data, c.path_samples, c.path_max_length), c.path_samples,
+                            DATA_SEED)
         batches = data.text_batches(tokenizer, texts, c.path_max_length, c.batch_size)
         return build_reference(self.model, self.adapter, batches, [])
 

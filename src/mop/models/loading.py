@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -18,8 +17,9 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
-from mop.adapters import DecoderAdapter, adapter_for, check_architecture
 from mop.errors import MopError
+from mop.models.adapters import DecoderAdapter, adapter_for, check_architecture
+from mop.provenance import WeightsDigest
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,27 @@ def resolve_model_dir(name: str) -> Path:
 
 
 def weights_sha256(directory: Path) -> str:
-    """sha256 over the weight files of a checkpoint directory, in name order."""
-    digest = hashlib.sha256()
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    """The digest (`mop.provenance.WeightsDigest`) of the tensors stored in a checkpoint directory."""
+    digest = WeightsDigest()
+    for name, tensor in _stored_tensors(directory):
+        digest.add(name, tensor)
+    return digest.hexdigest()
+
+
+def _stored_tensors(directory: Path):
+    """(name, tensor) for every tensor in the checkpoint's weight files, as stored."""
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        return
+    files = sorted(directory.glob("*.bin"))
     if not files:
         raise MopError(f"{directory} holds no weights (*.safetensors or *.bin)")
     for file in files:
-        with open(file, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
 def release_freed_memory() -> None:
@@ -111,26 +122,23 @@ def release_freed_memory() -> None:
         pass
 
 
-def _load_unmapped(directory: Path, model_class, config, dtype: torch.dtype, device: str) -> nn.Module:
-    """Load with the weights read into process memory rather than memory-mapped from the checkpoint.
+def _load_unmapped(directory: Path, model_class, config, dtype: torch.dtype, device: str
+                   ) -> tuple[nn.Module, str]:
+    """Load with the weights read into process memory rather than memory-mapped from the checkpoint, and the
+    digest of the stored tensors computed on the way (one read of the files).
 
     Pruning replaces most tensors; with a memory-mapped checkpoint, the file's pages stay resident (and counted)
     as long as any tensor still points into the mapping, so the pruned copies would sit beside a full
     original. Reading each tensor (cast to `dtype` as it is read) keeps the peak at one model.
     """
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:  # .bin checkpoints: transformers' own loader
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
-    state_dict = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    state_dict, digest = {}, WeightsDigest()
+    for key, tensor in _stored_tensors(directory):
+        digest.add(key, tensor)
+        state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, device_map={"": device})
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    return model
+    return model, digest.hexdigest()
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
@@ -143,14 +151,14 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     except Exception as error:
         raise MopError(f"{directory}/config.json cannot be read: {str(error).splitlines()[0]}") from None
     architecture = check_architecture(config)
-    digest = weights_sha256(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         release_freed_memory()  # the parsed tokenizer.json, before the weights are read
         if device == "auto":
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device_map="auto")
+            digest = weights_sha256(directory)
         else:
-            model = _load_unmapped(directory, getattr(transformers, architecture), config, DTYPES[dtype], device)
+            model, digest = _load_unmapped(directory, getattr(transformers, architecture), config, DTYPES[dtype], device)
         release_freed_memory()
     except Exception as error:
         raise MopError(f"cannot load the model in {directory}: {str(error).splitlines()[0]}") from None
@@ -158,6 +166,11 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return LoadedModel(model, tokenizer, adapter_for(model), name, directory, digest)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: the device of its input embedding."""
+    return model.get_input_embeddings().weight.device
 
 
 def count_params(model: nn.Module) -> int:

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mop.adapters import DecoderAdapter
 from mop.data import Batch
+from mop.evaluation.perplexity import segments_perplexity
+from mop.models import DecoderAdapter, input_device
 
 LAYER_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], int]] = {}
 WIDTH_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], list["UnitScores"]]] = {}
@@ -38,10 +39,6 @@ def width_criterion(name: str):
         return fn
 
     return register
-
-
-def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def _forward(model: nn.Module, batch: Batch) -> None:
@@ -260,19 +257,6 @@ def kl_divergence(model: nn.Module, adapter: DecoderAdapter, reference: PathRefe
         del cand
         total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
     return total / positions
-
-
-@torch.no_grad()
-def segments_perplexity(model: nn.Module, segments: list[torch.Tensor]) -> float:
-    """exp(mean next-token NLL) over token segments ([T] ids each, scored independently), as in the paper."""
-    device = input_device(model)
-    nll, tokens = 0.0, 0
-    for segment in segments:
-        ids = segment[None].to(device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        nll += loss.item() * (ids.shape[1] - 1)
-        tokens += ids.shape[1] - 1
-    return math.exp(nll / tokens)
 
 
 @path_criterion("ppl", needs="segments")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from mop.adapters import DecoderAdapter
+from mop.models.adapters import DecoderAdapter
 
 
 def structural_copy(model: nn.Module) -> nn.Module:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mop.adapters import LayerShape
-from mop.criteria import UnitScores
+from mop.models.adapters import LayerShape
+from mop.pruning.criteria import UnitScores
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,11 @@ interrupted run resumes by replaying the log on the original model."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mop.errors import MopError
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=1))
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    partial.replace(path)
+from mop.provenance import write_json_atomic
 
 
 @dataclass

@@ -1,32 +1,23 @@
-"""`mop eval`: zero-shot accuracy through lm-eval's own task definitions, offline, and WikiText-2 perplexity.
-
-An accuracy task is lm-eval's YAML config, unchanged (prompt, choices, `process_docs`, target delimiter,
-metrics), with one thing replaced: the documents. When a local file is found (`--task-file TASK=PATH`, then
-`$MOP_DATA_DIR/<file>`), it is converted to the Hugging Face schema the task reads and handed to lm-eval as
-`custom_dataset`, under the split the task evaluates on; otherwise lm-eval loads the hub data set as usual.
+"""lm-eval's accuracy tasks on local files: each task is lm-eval's YAML config, unchanged (prompt, choices,
+`process_docs`, target delimiter, metrics), with one thing replaced: the documents. When a local file is found
+(`--task-file TASK=PATH`, then `$MOP_DATA_DIR/<file>`), it is converted to the Hugging Face schema the task
+reads and handed to lm-eval as `custom_dataset`, under the split the task evaluates on; otherwise lm-eval loads
+the hub data set as usual.
 """
 
 from __future__ import annotations
 
 import bz2
 import functools
-import importlib.metadata
 import logging
-import math
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.table import Table
-
-from mop.criteria import input_device, segments_perplexity
-from mop.data import load_rows, load_texts, token_segments
+from mop.data import load_rows
 from mop.errors import MopError
-from mop.models import LoadedModel, count_params
-from mop.search import versions
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "wikitext")
 PERPLEXITY_TASK = "wikitext"  # ours, not lm-eval's: token perplexity over fixed-length segments
@@ -220,9 +211,6 @@ def _hub_task(manager, name: str):
                        f"{data.what} at $MOP_DATA_DIR/{data.file} or pass --task-file {name}=PATH") from None
 
 
-# ---------------------------------------------------------------- evaluation
-
-
 def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) -> None:
     """Fail before a model loads: no task, an unknown task, a --task-file for an unknown task or a missing file."""
     if not tasks:
@@ -233,113 +221,3 @@ def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) 
     for name, path in (task_files or {}).items():
         if not Path(path).is_file():
             raise MopError(f"--task-file {name}={path}: no such file")
-
-
-def validate_settings(limit: int | None, batch_size: int, ppl_segment_length: int,
-                      ppl_segments: int | None = None) -> None:
-    """Fail before a model loads on a --limit, --batch-size, --ppl-segment-length or --ppl-segments below its
-    minimum."""
-    for option, value, least in (("limit", limit, 1), ("batch size", batch_size, 1),
-                                 ("ppl segment length", ppl_segment_length, 2), ("ppl segments", ppl_segments, 1)):
-        if value is not None and value < least:
-            raise MopError(f"{option} must be an integer >= {least}, not {value}")
-
-
-def _number(value) -> float | None:
-    """lm-eval writes "N/A" for a stderr it cannot compute (e.g. one sample)."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def accuracy(loaded: LoadedModel, tasks: list[str], limit: int | None, batch_size: int,
-             task_files: dict[str, Path] | None = None) -> dict:
-    """Zero-shot acc / acc_norm (and their stderr) of lm-eval's tasks on the in-memory model."""
-    from lm_eval.evaluator import evaluate as lm_eval_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    built = {name: build_task(name, task_files) for name in tasks}  # every data error before any scoring
-    for task, _ in built.values():
-        task.set_config(key="num_fewshot", value=0)
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-    # lm-eval's evaluate rather than simple_evaluate: the same scoring without reseeding the global RNGs or
-    # collecting environment information in subprocesses
-    output = lm_eval_evaluate(lm=lm, task_dict={"tasks": {name: task for name, (task, _) in built.items()}},
-                              limit=limit, log_samples=False)
-    results = {}
-    for name, (_, source) in built.items():
-        metrics = output["results"][name]
-        results[name] = {key: _number(metrics.get(f"{key},none"))
-                         for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
-        results[name] |= {"samples": output["n-samples"][name]["effective"], "data": source}
-    return results
-
-
-def perplexity(loaded: LoadedModel, data: str, segment_length: int, limit: int | None) -> dict:
-    """Token perplexity of `data` (WikiText-2 test by default) joined by blank lines, in `segment_length`-token
-    segments scored independently; `limit` caps the number of segments."""
-    segments = token_segments(loaded.tokenizer, load_texts(data), segment_length, limit)
-    return {"perplexity": segments_perplexity(loaded.model, segments), "segments": len(segments),
-            "segment_length": segment_length, "tokens": sum(len(s) for s in segments), "data": data}
-
-
-def paper_average(results: dict) -> tuple[float | None, list[str]]:
-    """The paper's average over the accuracy tasks in `results`: acc for WinoGrande, acc_norm for the others."""
-    names = [name for name in results if name != PERPLEXITY_TASK]
-    if not names:
-        return None, []
-    return sum(results[n][PAPER_METRIC.get(n, "acc_norm")] for n in names) / len(names), names
-
-
-def evaluate(loaded: LoadedModel, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-             ppl_segment_length: int = 2048, task_files: dict[str, Path] | None = None,
-             ppl_segments: int | None = None) -> dict:
-    """Accuracy tasks through lm-eval and `wikitext` perplexity; `limit` caps documents per task, and segments
-    for wikitext unless `ppl_segments` is given. `task_files` points tasks at local files
-    (`{"arc_challenge": Path(...)}`)."""
-    tasks = list(dict.fromkeys(tasks))
-    validate_tasks(tasks, task_files)
-    validate_settings(limit, batch_size, ppl_segment_length, ppl_segments)
-    start = time.perf_counter()
-    accuracy_tasks = [name for name in tasks if name != PERPLEXITY_TASK]
-    results = accuracy(loaded, accuracy_tasks, limit, batch_size, task_files) if accuracy_tasks else {}
-    if PERPLEXITY_TASK in tasks:
-        data = str((task_files or {}).get(PERPLEXITY_TASK, "wikitext2"))
-        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, ppl_segments or limit)
-    average, average_tasks = paper_average(results)
-    return {
-        "tasks": {name: results[name] for name in tasks},
-        "average": average,
-        "average_tasks": average_tasks,
-        "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256, "params": count_params(loaded.model),
-                  "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                  "device": str(input_device(loaded.model))},
-        "limit": limit,
-        "seconds": time.perf_counter() - start,
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict:
-    return versions() | {name: importlib.metadata.version(name) for name in ("lm_eval", "datasets")}
-
-
-def summary_table(record: dict) -> Table:
-    """One row per task: acc and acc_norm with their stderr, or perplexity; then the paper's average."""
-    def score(value, stderr):
-        if value is None:
-            return ""
-        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
-
-    table = Table(title=f"{record['model']['name']} (limit {record['limit'] or 'none'})")
-    table.add_column("task")
-    for column in ("samples", "acc", "acc_norm", "perplexity"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for name, result in record["tasks"].items():
-        if name == PERPLEXITY_TASK:
-            table.add_row(name, f"{result['segments']} × {result['segment_length']}", "", "",
-                          f"{result['perplexity']:.3f}")
-        else:
-            table.add_row(name, str(result["samples"]), score(result["acc"], result["acc_stderr"]),
-                          score(result["acc_norm"], result["acc_norm_stderr"]), "")
-    if record["average"] is not None:
-        table.add_row("average (paper)", "", "", f"{record['average']:.4f}", "")
-    return table
