@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mop import cli, data, provenance
 from mop.training import checkpoints, lora, loop, losses, recovery
+from mop.training.losses import distillation_sum
 from peft import get_peft_model_state_dict
 from mop.errors import MopError
 from mop.models import load_model, save_checkpoint
@@ -200,7 +201,7 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     rows, record = recovery.text_rows(teacher.tokenizer, str(texts), 64)
     assert record["rows"] >= 8 and all(ids == labels for ids, labels in rows)
     batch = loop._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
-    kd = losses.distillation_sum(teacher.model, temperature=2.0)
+    kd = distillation_sum(teacher.model, temperature=2.0)
     with torch.no_grad():
         assert kd(same.model, batch).item() == pytest.approx(0, abs=1e-6)
 

@@ -25,7 +25,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for register in (register_prune, register_finetune, register_bench, register_eval, register_run):
+    for register in (register_prune, register_finetune, register_bench, register_eval, register_run,
+                     register_compare):
         register(commands)
     return parser
 
@@ -232,6 +233,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def register_run(commands) -> None:
     run = commands.add_parser("run", help="prune, recover, evaluate and time every target and seed; write a report")
+    _add_pipeline_options(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def register_compare(commands) -> None:
+    compare = commands.add_parser("compare", help="several pruning methods through the same recovery, evaluation "
+                                                  "and timing; one report")
+    compare.add_argument("--methods", required=True,
+                         help="comma-separated presets (mop, depth, width, mop-kl, mop-cosine, mop-ppl, mop-bi, "
+                              "shortgpt, llm-pruner), or one LABEL:field=value,... (repeat --methods for several)",
+                         action="append")
+    _add_pipeline_options(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+
+def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
+    """The options of `mop run` and `mop compare`: model, search, recovery, evaluation, latency."""
     _add_model_options(run)
     run.add_argument("--out", type=Path, required=True, help="run directory (finished stages are not redone)")
     run.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated, e.g. 0,1,2 (default 0)")
@@ -256,7 +274,6 @@ def register_run(commands) -> None:
     latency.add_argument("--no-bench", action="store_true", help="do not time the checkpoints")
     latency.add_argument("--bench-runs", type=int, default=20)
     latency.add_argument("--bench-warmup", type=int, default=10)
-    run.set_defaults(handler=cmd_run)
 
 
 def _seed_list(spec: str) -> list[int]:
@@ -267,8 +284,24 @@ def _seed_list(spec: str) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from mop.pipeline import run_pipeline
+
+    run_pipeline(args.model, _pipeline_config(args), args.out)
+    Console().print(f"report: {args.out / 'report.md'}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from mop.compare import parse_method, run_compare
+
+    specs = [spec for given in args.methods for spec in (given.split(",") if ":" not in given else [given])]
+    methods = dict(parse_method(spec.strip()) for spec in specs if spec.strip())
+    run_compare(args.model, _pipeline_config(args), methods, args.out)
+    Console().print(f"report: {args.out / 'report.md'}")
+
+
+def _pipeline_config(args: argparse.Namespace):
     from mop.latency import LatencySettings
-    from mop.pipeline import PipelineConfig, run_pipeline
+    from mop.pipeline import PipelineConfig
     from mop.training import FinetuneConfig, LoraSettings
 
     recovery = None if args.no_recovery else FinetuneConfig(
@@ -284,8 +317,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         ppl_segments=args.eval_ppl_segments,
         latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
         device=args.device, dtype=args.dtype)
-    run_pipeline(args.model, config, args.out)
-    Console().print(f"report: {args.out / 'report.md'}")
+    config.validate()
+    return config
 
 
 def print_summary(state) -> None:

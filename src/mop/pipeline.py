@@ -59,9 +59,11 @@ class PipelineConfig:
             self.latency.validate()
 
     def identity(self) -> dict:
-        """Settings that decide the results; seeds and targets may grow between runs of one directory."""
+        """Settings that decide the results; seeds and targets may grow between runs of one directory, and the
+        latency stage may be added later (its settings are in every bench record)."""
         settings = asdict(self)
         settings.pop("seeds")
+        settings.pop("latency")
         settings["search"] = {k: v for k, v in settings["search"].items() if k not in ("targets", "seed")}
         return settings
 
@@ -104,14 +106,23 @@ def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str,
     return checkpoints
 
 
-def run_pipeline(model: str, config: PipelineConfig, out: Path) -> dict:
-    """Prune → recover → evaluate → time, for every seed and target; returns the report's results."""
+def check_tasks(config: PipelineConfig) -> None:
+    """A task whose documents cannot be read fails now, not after hours of pruning."""
+    for task in config.tasks:
+        if task != PERPLEXITY_TASK:
+            build_task(task)
+
+
+def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | None = None,
+                 report: bool = True) -> dict | None:
+    """Prune → recover → evaluate → time, for every seed and target; returns the report's results.
+
+    `dense` is where the dense model's evaluation is kept (default `OUT/dense/eval.json`; `mop compare` shares
+    one between methods); `report=False` leaves the report to the caller."""
     from mop.report import write_report
 
     config.validate()
-    for task in config.tasks:  # a task whose documents cannot be read fails now, not after hours of pruning
-        if task != PERPLEXITY_TASK:
-            build_task(task)
+    check_tasks(config)
     claim(out, config)
 
     def evaluated(checkpoint: str) -> dict:
@@ -122,17 +133,26 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path) -> dict:
         candidate = load_model(checkpoint, config.device, config.dtype)
         return benchmark(candidate, load_model(model, config.device, config.dtype), config.latency)
 
-    stage(out / "dense" / "eval.json", lambda: evaluated(model), f"evaluate {model}")
+    stage(dense or out / "dense" / "eval.json", lambda: evaluated(model), f"evaluate {model}")
     for seed in config.seeds:
         seed_dir = out / f"seed-{seed}"
-        for name, pruned in prune(model, config, seed, seed_dir / "prune").items():
-            final = pruned
-            if config.recovery is not None:
-                final = seed_dir / "recovered" / name
-                if not (final / "mop.json").is_file():
-                    log.info("seed %d, %s: recovery fine-tuning", seed, name)
-                    finetune(str(pruned), final, replace(config.recovery, seed=seed), config.device, config.dtype)
-            stage(seed_dir / "eval" / f"{name}.json", lambda: evaluated(str(final)), f"seed {seed}, {name}: evaluate")
-            if config.latency is not None:
-                stage(seed_dir / "bench" / f"{name}.json", lambda: timed(str(final)), f"seed {seed}, {name}: latency")
-    return write_report(out, model, config)
+        evaluation = lambda name: seed_dir / "eval" / f"{name}.json"
+        timing = lambda name: seed_dir / "bench" / f"{name}.json"
+        pending = [target_name(t) for t in sorted(config.search.targets)
+                   if not evaluation(target_name(t)).is_file() or config.latency and not timing(target_name(t)).is_file()]
+        if not pending:  # every result of this seed is in (its checkpoints may be gone: a fresh machine)
+            continue
+        checkpoints = prune(model, config, seed, seed_dir / "prune")
+        for name in pending:
+            final = checkpoints[name]
+            recovered = seed_dir / "recovered" / name
+            if config.recovery is not None and not evaluation(name).is_file() and not (recovered / "mop.json").is_file():
+                log.info("seed %d, %s: recovery fine-tuning", seed, name)
+                finetune(str(final), recovered, replace(config.recovery, seed=seed), config.device, config.dtype)
+            if config.recovery is not None and (recovered / "mop.json").is_file():
+                final = recovered
+            stage(evaluation(name), lambda: evaluated(str(final)), f"seed {seed}, {name}: evaluate")
+            if config.latency is not None:  # latency depends on the shapes only: the pruned checkpoint has the
+                # recovered one's, and is timed when the recovered one is gone
+                stage(timing(name), lambda: timed(str(final)), f"seed {seed}, {name}: latency")
+    return write_report(out, model, config, dense) if report else None

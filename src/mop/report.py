@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -29,11 +30,17 @@ def task_scores(evaluation: dict) -> dict[str, float]:
             for task, metrics in evaluation["tasks"].items() if task != PERPLEXITY_TASK}
 
 
+def task_stderrs(evaluation: dict) -> dict[str, float | None]:
+    """Per accuracy task, the standard error of the paper's metric."""
+    return {task: metrics.get(PAPER_METRIC.get(task, "acc_norm") + "_stderr")
+            for task, metrics in evaluation["tasks"].items() if task != PERPLEXITY_TASK}
+
+
 def result_row(evaluation: dict, provenance: dict | None, latency: dict | None) -> dict:
     """One checkpoint's numbers: compression, parameters, path, perplexity, task scores, average, latency."""
     perplexity = evaluation["tasks"].get(PERPLEXITY_TASK, {}).get("perplexity")
     row = {"params": evaluation["model"]["params"], "perplexity": perplexity, "tasks": task_scores(evaluation),
-           "average": evaluation["average"]}
+           "stderr": task_stderrs(evaluation), "average": evaluation["average"]}
     if provenance is not None:
         row.update(compression=provenance["compression"], path=provenance["path"],
                    non_embedding_compression=provenance["non_embedding_compression"],
@@ -47,7 +54,7 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None) 
     return row
 
 
-def collect(out: Path, targets: list[float], seeds: list[int], recovered: bool) -> dict:
+def collect(out: Path, targets: list[float], seeds: list[int], recovered: bool, dense: Path | None = None) -> dict:
     """Every finished checkpoint's row, per target name and seed, and the dense model's."""
     rows: dict[str, dict[int, dict]] = {}
     for target in sorted(targets):
@@ -59,7 +66,7 @@ def collect(out: Path, targets: list[float], seeds: list[int], recovered: bool) 
             if evaluation is not None:
                 rows.setdefault(name, {})[seed] = result_row(
                     evaluation, _read(checkpoint / "mop.json"), _read(seed_dir / "bench" / f"{name}.json"))
-    dense = result_row(_read(out / "dense" / "eval.json"), None, None)
+    dense = result_row(_read(dense or out / "dense" / "eval.json"), None, None)
     dense.update(compression=0.0, path="", speedup=1.0, speedup_std=0.0)
     baselines = [r["baseline_latency_s"] for per_seed in rows.values() for r in per_seed.values() if "latency_s" in r]
     if baselines:
@@ -201,14 +208,149 @@ def plot_paths(results: dict, out: Path) -> None:
     plt.close(figure)
 
 
-def write_report(out: Path, model: str, config) -> dict:
+def write_report(out: Path, model: str, config, dense: Path | None = None) -> dict:
     """Collect every finished stage of the run in `out`, write report.md, results.json and the plots."""
     settings = json.loads(json.dumps(config.identity()))
-    results = collect(out, config.search.targets, config.seeds, config.recovery is not None)
+    settings["latency"] = None if config.latency is None else asdict(config.latency)
+    results = collect(out, config.search.targets, config.seeds, config.recovery is not None, dense)
     write_json_atomic(out / "results.json", {"model": model, "seeds": config.seeds, **results})
     plot_accuracy(results, "compression", "compression (% of parameters removed)", 100,
                   out / "accuracy_vs_compression.png")
     plot_accuracy(results, "latency_s", "end-to-end latency (s, 128 tokens)", 1, out / "accuracy_vs_latency.png")
     plot_paths(results, out / "paths.png")
     (out / "report.md").write_text(markdown(results, model, settings))
+    return results
+
+
+# ---------------------------------------------------------------- comparison of methods (mop compare)
+
+
+def _seeds(method_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("seed-")) for p in method_dir.glob("seed-*") if p.is_dir())
+
+
+def collect_comparison(out: Path) -> dict:
+    """Per method label, per target name, per seed: the finished checkpoint's row; and the dense row."""
+    targets = json.loads((out / "compare.json").read_text())["targets"]
+    methods = {}
+    for method_dir in sorted(p for p in out.iterdir() if (p / "pipeline.json").is_file()):
+        recovered = json.loads((method_dir / "pipeline.json").read_text())["identity"]["recovery"] is not None
+        rows = collect(method_dir, targets, _seeds(method_dir), recovered, out / "dense" / "eval.json")
+        methods[method_dir.name] = {"settings": json.loads((method_dir / "pipeline.json").read_text())["identity"],
+                                    "checkpoints": rows["checkpoints"]}
+        dense = rows["dense"]
+    return {"targets": targets, "dense": dense if methods else None, "methods": methods}
+
+
+def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
+    """Standard error of the paper's average: sqrt(Σ se_t²) / n_tasks (tasks independent)."""
+    errors = row.get("stderr", {})
+    values = [errors.get(t) for t in evaluation_tasks]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v * v for v in values) ** 0.5 / len(values)
+
+
+def comparison_markdown(results: dict, model: str, settings: dict, reference: str = "mop") -> str:
+    dense, methods = results["dense"], results["methods"]
+    tasks = list(dense["tasks"])
+    header = ["method", "seeds", "compression % (all / body)", "parameters", "WikiText-2 ppl",
+              *[f"{t}" for t in tasks], "average", "speedup"]
+    lines = [f"# Comparison of pruning methods: {model}", "",
+             "Accuracies in %, mean ± std over seeds where a method has several; the average is the paper's (acc "
+             "for WinoGrande, acc_norm for the others). Compression is of all parameters (the paper's definition) "
+             "and, after the slash, of the non-embedding (body) parameters.", ""]
+    if settings.get("eval_limit"):
+        lines += [f"Tasks on their first {settings['eval_limit']} documents; perplexity on "
+                  f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "
+                  f"{settings['ppl_segment_length']} tokens.", ""]
+    for target in sorted({name for m in methods.values() for name in m["checkpoints"]}):
+        table = [["dense", "", "0 / 0", f"{dense['params'] / 1e6:.2f} M", _mean_std([dense["perplexity"]], digits=2),
+                  *[_mean_std([dense["tasks"].get(t)], 100) for t in tasks], _mean_std([dense["average"]], 100), "1.00×"]]
+        for label, method in methods.items():
+            rows = list(method["checkpoints"].get(target, {}).values())
+            if not rows:
+                continue
+            compression = (_mean_std([r.get("compression") for r in rows], 100) + " / "
+                           + _mean_std([r.get("non_embedding_compression") for r in rows], 100))
+            table.append([label, str(len(rows)), compression, f"{statistics.mean(r['params'] for r in rows) / 1e6:.2f} M",
+                          _mean_std([r["perplexity"] for r in rows], digits=2),
+                          *[_mean_std([r["tasks"].get(t) for r in rows], 100) for t in tasks],
+                          _mean_std([r["average"] for r in rows], 100),
+                          _mean_std([r.get("speedup") for r in rows], digits=2) + "×" if any(r.get("speedup") for r in rows) else "–"])
+        lines += [f"## {target.removeprefix('target-')}% target", "", *_table(header, table), ""]
+        lines += _differences(methods, target, tasks, reference)
+    lines += ["## Plots", "", "![accuracy vs compression](accuracy_vs_compression.png)", "",
+              "![perplexity vs compression](perplexity_vs_compression.png)", "",
+              "![accuracy vs latency](accuracy_vs_latency.png)", "",
+              "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _differences(methods: dict, target: str, tasks: list[str], reference: str) -> list[str]:
+    """Each method's average minus the reference method's, against the reference's seed spread and the
+    standard error of the two averages (a difference counts when it exceeds both 2·SE and the seed range)."""
+    ref_rows = list(methods.get(reference, {}).get("checkpoints", {}).get(target, {}).values())
+    if not ref_rows:
+        return []
+    accuracy_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
+    ref_avg = statistics.mean(r["average"] for r in ref_rows)
+    spread = max(r["average"] for r in ref_rows) - min(r["average"] for r in ref_rows)
+    ref_se = statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in ref_rows)
+    table = []
+    for label, method in methods.items():
+        rows = list(method["checkpoints"].get(target, {}).values())
+        if label == reference or not rows:
+            continue
+        delta = statistics.mean(r["average"] for r in rows) - ref_avg
+        se = (ref_se**2 + statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in rows) ** 2) ** 0.5
+        exceeds = abs(delta) > 2 * se and abs(delta) > spread
+        table.append([label, f"{100 * delta:+.1f}", f"{200 * se:.1f}", f"{100 * spread:.1f}",
+                      ("yes: " + ("better" if delta > 0 else "worse")) if exceeds else "no"])
+    return [f"Average accuracy against `{reference}` ({len(ref_rows)} seed(s)): a difference counts when it exceeds "
+            "both 2 standard errors of the two averages and the reference's seed range (max − min).", "",
+            *_table(["method", "Δ average (points)", "2·SE (points)", f"{reference} seed range (points)", "exceeds both"],
+                    table), ""]
+
+
+def plot_comparison(results: dict, y: str, x: str, x_label: str, x_scale: float, out: Path) -> None:
+    """One line per method (mean over seeds per target) of `y` ('average' or 'perplexity') against `x`."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    dense = results["dense"]
+    value = (lambda r: 100 * r["average"]) if y == "average" else (lambda r: r["perplexity"])
+    if dense.get(x) is not None and value(dense) is not None:
+        axes.scatter([dense[x] * x_scale], [value(dense)], marker="*", s=160, color="black", label="dense", zorder=3)
+    for label, method in results["methods"].items():
+        points = []
+        for per_seed in method["checkpoints"].values():
+            rows = [r for r in per_seed.values() if r.get(x) is not None and value(r) is not None]
+            if rows:
+                points.append((statistics.mean(r[x] for r in rows) * x_scale, statistics.mean(value(r) for r in rows)))
+        if points:
+            axes.plot(*zip(*sorted(points)), marker="o", alpha=0.85, label=label)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel("average accuracy (%)" if y == "average" else "WikiText-2 perplexity")
+    if y == "perplexity":
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def write_comparison(out: Path, model: str) -> dict:
+    """Collect every finished stage of every method in `out`; write report.md, results.json and the plots."""
+    results = collect_comparison(out)
+    if not results["methods"]:
+        raise ValueError(f"{out} holds no method yet")
+    settings = json.loads((out / "compare.json").read_text())["identity"]
+    write_json_atomic(out / "results.json", {"model": model, **results})
+    plot_comparison(results, "average", "compression", "compression (% of parameters removed)", 100,
+                    out / "accuracy_vs_compression.png")
+    plot_comparison(results, "perplexity", "compression", "compression (% of parameters removed)", 100,
+                    out / "perplexity_vs_compression.png")
+    plot_comparison(results, "average", "latency_s", "end-to-end latency (s, 128 tokens)", 1,
+                    out / "accuracy_vs_latency.png")
+    (out / "report.md").write_text(comparison_markdown(results, model, settings))
     return results

@@ -1,0 +1,120 @@
+"""The quality study of issue 10 on SmolLM2-135M: every method of `mop compare` at 20/30/40%, cell by cell.
+
+A cell is one (method, seed): `mop compare` with the study's shared settings, run in a child process into
+`runs/study/` (checkpoints stay there, never in git). After every cell the small result files — evaluations,
+latency records, each checkpoint's mop.json and the settings — are copied to `docs/study/smollm2/`, the report is
+rewritten there, and (with --commit) committed. A rerun first copies `docs/study/smollm2/` back into
+`runs/study/`, so on a fresh machine only the missing cells (and, within a cell, the missing targets) run.
+
+    MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench]
+
+`--bench` adds the latency stage (run it on a quiet machine: the study's other cells must not run beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "study"
+DOCS = ROOT / "docs" / "study" / "smollm2"
+MODEL = "smollm2-135m"
+
+# One recovery budget for every method: one epoch of the local Alpaca subset (999 rows, 62 steps of 16 rows of at
+# most 256 tokens; the paper: 2 epochs of 52k rows of 512 — `--recovery-epochs 2 --recovery-max-length 512` with
+# the 52k file on a GPU). Tasks on fixed first-N document subsets, perplexity on the first 32 segments of the
+# standard WikiText-2 protocol (of 148).
+SHARED = ["--target", "0.2", "--target", "0.3", "--target", "0.4",
+          "--recovery-epochs", "1", "--recovery-batch-size", "16", "--recovery-micro-batch-size", "8",
+          "--recovery-max-length", "256", "--no-activation-checkpointing",
+          "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "400", "--eval-ppl-segments", "32",
+          "--eval-batch-size", "16"]
+
+# (label, method spec, seeds), in the order the issue asks for: the core comparison, then peers, then criteria,
+# then the variants the evidence suggests.
+CELLS = [
+    ("mop", "mop", 0), ("depth", "depth", 0), ("width", "width", 0), ("mop", "mop", 1), ("mop", "mop", 2),
+    ("shortgpt", "shortgpt", 0), ("llm-pruner", "llm-pruner", 0),
+    # the searching criteria with a reduced short-tuning schedule (1·t steps instead of 10·t, 32 path texts)
+    ("mop-kl", "mop-kl:path_criterion=kl,tune_steps_per_iteration=1,path_samples=32", 0),
+    ("mop-cosine", "mop-cosine:path_criterion=cosine,tune_steps_per_iteration=1,path_samples=32", 0),
+    ("mop-ppl", "mop-ppl:path_criterion=ppl,tune_steps_per_iteration=1,ppl_segments=4", 0),
+    ("mop-bi", "mop-bi", 0),
+]
+
+
+def small_files(root: Path):
+    """The result files of a comparison directory: everything but checkpoints' weights and training state."""
+    for path in root.rglob("*"):
+        if not path.is_file() or ".partial" in str(path) or ".finetune-state" in str(path):
+            continue
+        relative = path.relative_to(root)
+        if relative.parts[-1] in ("compare.json", "pipeline.json") or relative.parts[-2:-1] in (("eval",), ("bench",)):
+            yield relative
+        elif relative.name == "mop.json" and len(relative.parts) >= 3 and relative.parts[-3] == "recovered":
+            yield relative  # kept only once the evaluation of that checkpoint is in (see `sync`)
+        elif relative.parts[0] in ("report.md", "results.json") or relative.suffix == ".png":
+            yield relative
+
+
+def sync(source: Path, target: Path) -> None:
+    for relative in small_files(source):
+        if relative.name == "mop.json":
+            seed_dir = source / Path(*relative.parts[:-3])
+            if not (seed_dir / "eval" / f"{relative.parts[-2]}.json").is_file():
+                continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / relative, target / relative)
+
+
+def done(label: str, seed: int, bench: bool) -> bool:
+    seed_dir = DOCS / label / f"seed-{seed}"
+    needed = [seed_dir / "eval" / f"target-{t}.json" for t in (20, 30, 40)]
+    needed += [seed_dir / "bench" / f"target-{t}.json" for t in (20, 30, 40)] if bench else []
+    return all(p.is_file() for p in needed)
+
+
+def commit(message: str) -> None:
+    for attempt in range(5):
+        subprocess.run(["git", "add", str(DOCS)], cwd=ROOT, check=False)
+        result = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(DOCS)], cwd=ROOT, capture_output=True)
+        if result.returncode == 0 or b"nothing to commit" in result.stdout + result.stderr:
+            return
+        time.sleep(5 * (attempt + 1))  # another git process holds the index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", help="run only these labels")
+    parser.add_argument("--commit", action="store_true", help="commit docs/study after every cell")
+    parser.add_argument("--bench", action="store_true", help="add the latency stage (on a quiet machine)")
+    args = parser.parse_args()
+    if DOCS.is_dir():
+        sync(DOCS, RUNS)
+    for label, spec, seed in CELLS:
+        if args.only and label not in args.only or done(label, seed, args.bench):
+            continue
+        command = [sys.executable, "-m", "mop.cli", "compare", MODEL, "--methods", spec, "--seeds", str(seed),
+                   "--out", str(RUNS), *SHARED, *([] if args.bench else ["--no-bench"])]
+        print(f"[{time.strftime('%H:%M:%S')}] cell {label} seed {seed}: {' '.join(command[2:])}", flush=True)
+        started = time.time()
+        result = subprocess.run(command, env=os.environ)
+        (RUNS / "cells.jsonl").open("a").write(json.dumps(
+            {"label": label, "seed": seed, "returncode": result.returncode, "seconds": round(time.time() - started),
+             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        sync(RUNS, DOCS)
+        if args.commit:
+            commit(f"study: {label} seed {seed} ({'done' if result.returncode == 0 else 'partial'})")
+        print(f"[{time.strftime('%H:%M:%S')}] cell {label} seed {seed}: exit {result.returncode}, "
+              f"{(time.time() - started) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""`mop compare`: several pruning methods, each pruned to every target, recovered with the same budget and data,
+evaluated on the same tasks and documents and timed with the same protocol, in one report.
+
+    OUT/compare.json          the shared settings (a rerun with other settings is refused)
+    OUT/dense/eval.json       the dense model, evaluated once for all methods
+    OUT/<label>/              one `mop run` directory per method (pipeline.json, seed-S/...)
+    OUT/report.md, OUT/results.json, OUT/*.png
+
+A method is a preset name (`mop`, `depth`, `width`, `mop-kl`, `shortgpt`, ...; see PRESETS) or
+`LABEL:field=value,...` with fields of `SearchConfig` (e.g. `mop-kl-fast:path_criterion=kl,tune_steps_per_iteration=1`).
+Every stage is a file skipped when present, so adding a method, a seed or the latency stage computes only what is
+missing; each invocation runs its `--seeds` for the methods it names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields, replace
+from pathlib import Path
+
+from mop.errors import MopError
+from mop import pipeline
+from mop.pipeline import PipelineConfig, check_tasks, run_pipeline
+from mop.provenance import write_json_atomic
+from mop.pruning.search import SearchConfig
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict] = {
+    "mop": {},  # the paper's default: random path, third-to-last layer, AMP
+    "depth": {"mode": "depth"},
+    "width": {"mode": "width"},
+    "mop-kl": {"path_criterion": "kl"},
+    "mop-cosine": {"path_criterion": "cosine"},
+    "mop-ppl": {"path_criterion": "ppl"},
+    "mop-bi": {"layer_criterion": "block_influence"},
+    "depth-bi": {"mode": "depth", "layer_criterion": "block_influence"},
+    "shortgpt": {"method": "shortgpt"},
+    "llm-pruner": {"method": "llm_pruner"},
+}
+_METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "seed", "lora"}
+
+
+def _value(text: str):
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """`NAME` (a preset) or `LABEL:field=value,...` → (label, the SearchConfig fields it sets)."""
+    label, _, settings = spec.partition(":")
+    if not label or "/" in label or label in ("dense", "."):
+        raise MopError(f"method {spec!r}: give a name (a preset, or LABEL:field=value,...)")
+    if not settings:
+        if label not in PRESETS:
+            raise MopError(f"unknown method {label}; presets: {', '.join(PRESETS)}, or LABEL:field=value,...")
+        return label, dict(PRESETS[label])
+    overrides = {}
+    for item in settings.split(","):
+        key, equals, value = item.partition("=")
+        if not equals or key not in _METHOD_FIELDS:
+            raise MopError(f"method {spec!r}: {item!r} is not field=value with a field of {', '.join(sorted(_METHOD_FIELDS))}")
+        overrides[key] = _value(value)
+    return label, overrides
+
+
+def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
+    config = replace(base, search=replace(base.search, **overrides))
+    config.search.validate()
+    return config
+
+
+def shared_identity(base: PipelineConfig) -> dict:
+    """What every method of one comparison must share: recovery, tasks, documents, device and dtype."""
+    identity = base.identity()
+    identity.pop("search")
+    return json.loads(json.dumps(identity))
+
+
+def claim(out: Path, base: PipelineConfig) -> None:
+    settings = out / "compare.json"
+    identity = shared_identity(base)
+    if settings.is_file():
+        saved = json.loads(settings.read_text())["identity"]
+        if saved != identity:
+            differs = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
+            raise MopError(f"{out} holds a comparison with other settings (differs in: {', '.join(differs)})")
+    elif out.exists() and any(out.iterdir()):
+        raise MopError(f"{out} is not empty and holds no mop comparison; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings, {"identity": identity, "targets": base.search.targets})
+
+
+def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out: Path) -> dict:
+    """Every method in `methods` (label → SearchConfig fields) through the pipeline into OUT/<label>; then the
+    report over every method and seed found in OUT."""
+    from mop.report import write_comparison
+
+    configs = {label: method_config(base, overrides) for label, overrides in methods.items()}
+    for config in configs.values():
+        config.validate()
+    check_tasks(base)
+    claim(out, base)
+    from mop.evaluation import evaluate
+    from mop.models import load_model
+
+    dense = out / "dense" / "eval.json"
+    pipeline.stage(dense, lambda: evaluate(load_model(model, base.device, base.dtype), base.tasks, base.eval_limit,
+                                           base.eval_batch_size, base.ppl_segment_length, ppl_segments=base.ppl_segments),
+                   f"evaluate {model}")
+    for label, config in configs.items():
+        log.info("method %s: %s", label, methods[label] or "defaults")
+        run_pipeline(model, config, out / label, dense=dense, report=False)
+    return write_comparison(out, model)

@@ -1,0 +1,91 @@
+"""`mop compare` on a tiny model: every method reaches a matched size, the report holds every method's numbers,
+a rerun recomputes nothing, and adding a method or a seed computes only it."""
+
+import json
+
+import pytest
+
+import mop.pipeline
+from mop.cli import main
+from mop.compare import parse_method, run_compare
+from mop.errors import MopError
+from mop.models import load_model
+from mop.pipeline import PipelineConfig
+from mop.pruning.search import SearchConfig
+from mop.training import FinetuneConfig, LoraSettings
+
+
+def tiny_config(**changes) -> PipelineConfig:
+    settings = dict(
+        search=SearchConfig(targets=[0.2, 0.4], calib_samples=8, calib_max_length=64),
+        recovery=FinetuneConfig(max_steps=1, lora=LoraSettings(batch_size=2, micro_batch_size=2, max_length=128)),
+        tasks=["arc_easy", "wikitext"], eval_limit=2, eval_batch_size=4, ppl_segment_length=128, latency=None)
+    return PipelineConfig(**{**settings, **changes})
+
+
+@pytest.fixture
+def computed(monkeypatch) -> list[str]:
+    """The stage outputs that were computed (not found on disk), as paths relative to nothing in particular."""
+    calls, stage = [], mop.pipeline.stage
+
+    def counting(output, compute, what):
+        return stage(output, lambda: (calls.append(f"{output.parent.parent.name}/{output.name}"), compute())[1], what)
+
+    monkeypatch.setattr(mop.pipeline, "stage", counting)
+    return calls
+
+
+def test_parse_method():
+    assert parse_method("depth") == ("depth", {"mode": "depth"})
+    assert parse_method("fast-kl:path_criterion=kl,tune_steps_per_iteration=1,calib_samples=4") == (
+        "fast-kl", {"path_criterion": "kl", "tune_steps_per_iteration": 1, "calib_samples": 4})
+    for bad in ("nonsense", "x:seed=1", "x:mode", ":mode=depth", "dense"):
+        with pytest.raises(MopError):
+            parse_method(bad)
+
+
+def test_compare_matched_sizes_report_and_incremental_reruns(tiny_dirs, tmp_path, computed, monkeypatch):
+    model, out = str(tiny_dirs["llama-gqa"]), tmp_path / "compare"
+    methods = dict(map(parse_method, ["mop", "depth", "width"]))
+    results = run_compare(model, tiny_config(), methods, out)
+    assert sorted(computed) == sorted(["compare/eval.json"] + [f"seed-0/target-{t}.json" for t in (20, 40)] * 3)
+    loaded = load_model(model)
+    original = sum(p.numel() for p in loaded.model.parameters())
+    layer_share = sum(p.numel() for p in loaded.model.model.layers[0].parameters()) / original
+    for label in methods:
+        for target in (0.2, 0.4):
+            name = f"target-{round(100 * target)}"
+            provenance = json.loads((out / label / "seed-0" / "recovered" / name / "mop.json").read_text())
+            assert target <= provenance["compression"] < target + layer_share  # matched within one layer's share
+            row = results["methods"][label]["checkpoints"][name][0]
+            evaluation = json.loads((out / label / "seed-0" / "eval" / f"{name}.json").read_text())
+            assert row["perplexity"] == evaluation["tasks"]["wikitext"]["perplexity"]
+            assert row["params"] == evaluation["model"]["params"] == provenance["params"]
+    assert set(json.loads((out / "depth" / "seed-0" / "recovered" / "target-40" / "mop.json").read_text())["path"]) == {"D"}
+    assert set(json.loads((out / "width" / "seed-0" / "recovered" / "target-40" / "mop.json").read_text())["path"]) == {"W"}
+    report = (out / "report.md").read_text()
+    assert "## 40% target" in report and "| depth | 1 |" in report and "Δ average" in report
+
+    computed.clear()  # a rerun computes nothing ...
+    assert json.dumps(run_compare(model, tiny_config(), methods, out)) == json.dumps(results)
+    assert computed == []
+    # ... a new method computes only its own stages, a new seed only that seed's
+    run_compare(model, tiny_config(), dict([parse_method("depth-bi")]), out)
+    assert sorted(computed) == ["seed-0/target-20.json", "seed-0/target-40.json"]
+    assert (out / "depth-bi" / "seed-0" / "eval" / "target-40.json").is_file()
+    computed.clear()
+    run_compare(model, tiny_config(seeds=[1]), dict([parse_method("mop")]), out)
+    assert sorted(computed) == ["seed-1/target-20.json", "seed-1/target-40.json"]
+    assert sorted(json.loads((out / "results.json").read_text())["methods"]["mop"]["checkpoints"]["target-20"]) == ["0", "1"]
+
+
+def test_compare_refuses_other_shared_settings(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "compare"
+    config = tiny_config(recovery=None, tasks=["wikitext"], search=SearchConfig(targets=[0.2], calib_samples=4,
+                                                                                  calib_max_length=32))
+    run_compare(str(tiny_dirs["mistral"]), config, dict([parse_method("depth")]), out)
+    with pytest.raises(MopError, match="other settings.*eval_limit"):
+        run_compare(str(tiny_dirs["mistral"]), tiny_config(recovery=None, tasks=["wikitext"], eval_limit=5),
+                    dict([parse_method("depth")]), out)
+    code = main(["compare", str(tiny_dirs["mistral"]), "--methods", "nonsense", "--target", "0.2", "--out", str(out)])
+    assert code == 2 and "unknown method nonsense" in capsys.readouterr().err
