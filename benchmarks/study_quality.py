@@ -34,7 +34,7 @@ MODEL = "smollm2-135m"
 SHARED = ["--target", "0.2", "--target", "0.3", "--target", "0.4",
           "--recovery-epochs", "1", "--recovery-batch-size", "16", "--recovery-micro-batch-size", "8",
           "--recovery-max-length", "256", "--no-activation-checkpointing",
-          "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "400", "--eval-ppl-segments", "32",
+          "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "250", "--eval-ppl-segments", "32",
           "--eval-batch-size", "16"]
 
 # (label, method spec, seeds), in the order the issue asks for: the core comparison, then peers, then criteria,
