@@ -291,7 +291,7 @@ def _differences(methods: dict, target: str, tasks: list[str], reference: str) -
     """Each method's average minus the reference method's, against the reference's seed spread and the
     standard error of the two averages (a difference counts when it exceeds both 2·SE and the seed range)."""
     ref_rows = list(methods.get(reference, {}).get("checkpoints", {}).get(target, {}).values())
-    if not ref_rows:
+    if not ref_rows or any(r["average"] is None for r in ref_rows):  # no reference, or no accuracy task
         return []
     accuracy_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
     ref_avg = statistics.mean(r["average"] for r in ref_rows)
@@ -300,7 +300,7 @@ def _differences(methods: dict, target: str, tasks: list[str], reference: str) -
     table = []
     for label, method in methods.items():
         rows = list(method["checkpoints"].get(target, {}).values())
-        if label == reference or not rows:
+        if label == reference or not rows or any(r["average"] is None for r in rows):
             continue
         delta = statistics.mean(r["average"] for r in rows) - ref_avg
         se = (ref_se**2 + statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in rows) ** 2) ** 0.5
