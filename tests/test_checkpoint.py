@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mop.models import count_params, load_model
+from mop import cli
+from mop.errors import MopError
+from mop.models import count_params, load_model, loading
 from mop.pruning.search import Search, SearchConfig
 from mop.training import LoraSettings
 
@@ -96,3 +98,23 @@ def test_device_auto_uses_accelerate_device_map(tiny_dirs, tmp_path):
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     Search(loaded, SearchConfig(targets=[0.1], **SMALL), tmp_path).run()
     assert_reloads_identically(loaded.model, tmp_path / "target-10")
+
+
+def test_device_auto_refuses_offloaded_weights(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """A memory budget the model does not fit makes accelerate offload layers to the disk, leaving their
+    parameters on the meta device (as a GPU map that spills to the CPU does): refused at load, in one line."""
+    from_pretrained = loading.AutoModelForCausalLM.from_pretrained
+
+    class Spilling:  # the device map of a machine with ~0.4 MB of memory: embeddings and layer 0 fit (0.87 MB in all)
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return from_pretrained(*args, max_memory={"cpu": 400_000}, **kwargs)
+
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", Spilling)
+    with pytest.raises(MopError, match=r"\(model\.layers\.1 is offloaded\)"):
+        load_model(str(tiny_dirs["llama-gqa"]), device="auto")
+    out = tmp_path / "run"
+    assert cli.main(["prune", str(tiny_dirs["llama-gqa"]), "--device", "auto", "--target", "0.2", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the loading bars
+    assert error.startswith("mop: error: --device auto leaves part of") and error.endswith("more memory")
+    assert not out.exists()
