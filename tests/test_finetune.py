@@ -1,6 +1,7 @@
 """Recovery fine-tuning (`mop finetune`): training rows, the loss, merged checkpoints, resume, two processes,
 knowledge distillation and bad input, on tiny random models."""
 
+import copy
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from mop import cli, data, provenance
 from mop.training import checkpoints, lora, loop, losses, recovery
 from mop.training.losses import distillation_sum
 from peft import get_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from mop.errors import MopError
 from mop.models import load_model, save_checkpoint
 from mop.pruning.surgery import remove_layer
@@ -242,3 +244,31 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dirs, tmp_path, capsys):
         assert cli.main(argv + ["--out", str(out)]) == 2, message
         assert message in capsys.readouterr().err
         assert not out.exists() and not checkpoints.state_dir(out).exists()
+
+
+def test_bf16_recovery_merges_in_fp32_and_rounds_once(tiny_dirs, tmp_path, monkeypatch):
+    """Each merged bf16 weight is the bf16 value nearest to W + scale·B@A computed in fp32 (one rounding); an
+    in-dtype merge (peft's safe_merge, or adapters held in bf16) rounds the delta to bf16 first and differs."""
+    expected, in_dtype = {}, {}
+    train = recovery.train
+
+    def train_then_record_merges(peft_model, *args, **kwargs):
+        progress = train(peft_model, *args, **kwargs)
+        with torch.no_grad():
+            for name, module in peft_model.base_model.model.named_modules():
+                if isinstance(module, LoraLinear):
+                    w, a, b = module.base_layer.weight, module.lora_A["default"].weight, module.lora_B["default"].weight
+                    assert w.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
+                    expected[f"{name}.weight"] = (w.float() + module.scaling["default"] * (b.float() @ a.float())).bfloat16()
+            in_dtype.update(copy.deepcopy(peft_model).merge_and_unload(safe_merge=True).state_dict())
+        return progress
+
+    monkeypatch.setattr(recovery, "train", train_then_record_merges)
+    settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
+    finetune(str(tiny_dirs["llama-mha"]), tmp_path / "bf16", small(max_steps=1, lora=settings), dtype="bfloat16")
+    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert len(expected) == 7 * 6
+    for name, weight in expected.items():
+        assert torch.equal(saved[name], weight), name
+    rounded_twice = sum((in_dtype[name] != weight).sum().item() for name, weight in expected.items())
+    assert rounded_twice > 0.001 * sum(weight.numel() for weight in expected.values())

@@ -18,7 +18,7 @@ from mop.errors import MopError
 from mop.models import load_model, save_checkpoint
 from mop.provenance import read_provenance, versions, weights_digest
 from mop.training.checkpoints import Checkpoints, state_dir
-from mop.training.lora import LoraSettings, attach_lora
+from mop.training.lora import LoraSettings, attach_lora, merge_lora
 from mop.training.loop import make_accelerator, train
 from mop.training.losses import LossFn, Row, cross_entropy_sum, distillation_sum
 
@@ -159,7 +159,7 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
     peft_model = attach_lora(loaded.model, lora, config.seed)
     progress = train(peft_model, rows, lora, steps, config.seed, loaded.tokenizer.pad_token_id, loss_fn, accelerator,
                      checkpoints, desc=f"finetune ({config.method})")
-    merged = peft_model.merge_and_unload()
+    merged = merge_lora(peft_model)
     record = {
         "identity": identity, "method": config.method, "settings": asdict(config), **sources,
         "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
