@@ -2,14 +2,16 @@
 same logits as the pruned model in memory, and generates with the KV cache, in every mode and family."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mop import cli
 from mop.errors import MopError
-from mop.models import count_params, load_model, loading
+from mop.models import count_params, load_model, loading, saved_weights_sha256, weights_sha256
 from mop.pruning.search import Search, SearchConfig
 from mop.training import LoraSettings
 
@@ -118,3 +120,25 @@ def test_device_auto_refuses_offloaded_weights(tiny_dirs, tmp_path, monkeypatch,
     error = capsys.readouterr().err.splitlines()[-1]  # after the loading bars
     assert error.startswith("mop: error: --device auto leaves part of") and error.endswith("more memory")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha"])  # tied and untied embeddings
+def test_weights_hash_is_of_tensor_contents_not_files(tiny_dirs, tmp_path, family):
+    """One digest of the weights everywhere: the stored tensors, whatever the file layout, metadata, the dtype or
+    the device the model is loaded in; and what saving a model in memory will give."""
+    source = tiny_dirs[family]
+    digest = weights_sha256(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    assert saved_weights_sha256(model) == digest
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 3
+    tensors = load_file(source / "model.safetensors")
+    shutil.copytree(source, tmp_path / "metadata")  # config and tokenizer; the weights re-saved with other metadata
+    save_file(tensors, tmp_path / "metadata" / "model.safetensors", metadata={"format": "pt", "saved_by": "someone else"})
+    assert (tmp_path / "metadata" / "model.safetensors").read_bytes() != (source / "model.safetensors").read_bytes()
+    assert weights_sha256(tmp_path / "sharded") == weights_sha256(tmp_path / "metadata") == digest
+    for directory, device, dtype in [(source, "cpu", "bfloat16"), (source, "auto", "float32"), (tmp_path / "metadata", "cpu", "float32")]:
+        assert load_model(str(directory), device, dtype).weights_sha256 == digest
+    tensors["model.norm.weight"][0] += 1
+    save_file(tensors, tmp_path / "metadata" / "model.safetensors")
+    assert weights_sha256(tmp_path / "metadata") != digest

@@ -20,7 +20,7 @@ from mop.training.losses import distillation_sum
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import Linear as LoraLinear
 from mop.errors import MopError
-from mop.models import load_model, save_checkpoint
+from mop.models import load_model, save_checkpoint, weights_sha256
 from mop.pruning.surgery import remove_layer
 from mop.training import FinetuneConfig, LoraSettings, finetune
 
@@ -136,7 +136,7 @@ def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp
     assert whole["steps"] == 4 and len(whole["losses"]) == 4 and whole["resumed_at"] == []
     assert whole["data"]["rows"] + whole["data"]["dropped"] == whole["data"]["examples"] == 999
     saved = load_file(tmp_path / "whole" / "model.safetensors")
-    assert whole["merged_sha256"] == [provenance.weights_digest(saved)]
+    assert whole["merged_sha256"] == [weights_sha256(tmp_path / "whole")] == [provenance.weights_digest(saved)]
     assert not checkpoints.state_dir(tmp_path / "whole").exists()
 
     write = checkpoints.write_json_atomic
@@ -187,9 +187,9 @@ def test_two_processes_train_the_same_merged_weights(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "mop.json").read_text())["finetune"]
     assert record["processes"] == 2 and record["steps"] == 3
-    digest = provenance.weights_digest(load_file(out / "model.safetensors"))
+    digest = weights_sha256(out)
     assert record["merged_sha256"] == [digest, digest]
-    assert digest != provenance.weights_digest(load_file(tiny_dirs["llama-mha"] / "model.safetensors"))
+    assert digest != weights_sha256(tiny_dirs["llama-mha"])
 
 
 def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_dirs, tmp_path):
@@ -265,8 +265,10 @@ def test_bf16_recovery_merges_in_fp32_and_rounds_once(tiny_dirs, tmp_path, monke
 
     monkeypatch.setattr(recovery, "train", train_then_record_merges)
     settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
-    finetune(str(tiny_dirs["llama-mha"]), tmp_path / "bf16", small(max_steps=1, lora=settings), dtype="bfloat16")
-    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    out = tmp_path / "bf16"
+    record = finetune(str(tiny_dirs["llama-mha"]), out, small(max_steps=1, lora=settings), dtype="bfloat16")
+    assert record["merged_sha256"] == [weights_sha256(out)] == [load_model(str(out)).weights_sha256]
+    saved = load_file(out / "model.safetensors")
     assert len(expected) == 7 * 6
     for name, weight in expected.items():
         assert torch.equal(saved[name], weight), name

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from mop.errors import MopError
 from mop.models.adapters import DecoderAdapter, adapter_for, check_architecture
-from mop.provenance import WeightsDigest
+from mop.provenance import WeightsDigest, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,17 @@ def weights_sha256(directory: Path) -> str:
     for name, tensor in _stored_tensors(directory):
         digest.add(name, tensor)
     return digest.hexdigest()
+
+
+def saved_weights_sha256(model: nn.Module) -> str:
+    """The `weights_sha256` of the checkpoint `save_pretrained` writes for `model`: the digest of its state dict,
+    each tensor shared by several names (tied embeddings) once, under its first name, as transformers keeps it."""
+    tensors, storages = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.untyped_storage().data_ptr() not in storages:
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+    return weights_digest(tensors)
 
 
 def _stored_tensors(directory: Path):

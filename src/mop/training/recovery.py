@@ -15,8 +15,8 @@ from accelerate.utils import gather_object
 
 from mop import data
 from mop.errors import MopError
-from mop.models import load_model, save_checkpoint
-from mop.provenance import read_provenance, versions, weights_digest
+from mop.models import load_model, save_checkpoint, saved_weights_sha256
+from mop.provenance import read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
 from mop.training.lora import LoraSettings, attach_lora, merge_lora
 from mop.training.loop import make_accelerator, train
@@ -165,8 +165,9 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
         "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
         "device": device, "dtype": dtype, "losses": progress.losses, "step_seconds": progress.step_seconds,
         "seconds": round(sum(progress.step_seconds), 3), "resumed_at": progress.resumed_at,
-        # sha256 of the merged weights as each process holds them: equal entries, bitwise equal weights
-        "merged_sha256": gather_object([weights_digest(dict(merged.named_parameters()))]),
+        # per process, the weights_sha256 its merged weights would be saved with: equal entries, bitwise equal
+        # weights; the saved checkpoint's `weights_sha256(out)` is the main process's entry
+        "merged_sha256": gather_object([saved_weights_sha256(merged)]),
         "versions": versions(),
     }
     if accelerator.is_main_process:
