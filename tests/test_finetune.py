@@ -21,6 +21,7 @@ from peft import get_peft_model_state_dict
 from peft.tuners.lora import Linear as LoraLinear
 from mop.errors import MopError
 from mop.models import load_model, save_checkpoint, weights_sha256
+from mop.pruning.search import Search, SearchConfig
 from mop.pruning.surgery import remove_layer
 from mop.training import FinetuneConfig, LoraSettings, finetune
 
@@ -57,8 +58,8 @@ def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tok
     rows, record = recovery.alpaca_rows(tokenizer, str(source), max_length=256)
     assert (record["examples"], record["rows"], record["dropped"]) == (4, 2, 2)
     for (ids, labels), row in zip(rows, ["Blue.", "5"]):
-        prompt_length = labels.count(losses.IGNORE)
-        assert labels[:prompt_length] == [losses.IGNORE] * prompt_length
+        prompt_length = labels.count(data.IGNORE)
+        assert labels[:prompt_length] == [data.IGNORE] * prompt_length
         assert labels[prompt_length:] == ids[prompt_length:]  # every response token is learned ...
         assert tokenizer.decode(ids[prompt_length:-1]) == row  # ... the response, then EOS
         assert ids[-1] == tokenizer.eos_token_id
@@ -66,6 +67,25 @@ def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tok
         if tokenizer.bos_token_id is not None:
             assert tokenizer.bos_token_id not in ids[1:]  # no BOS mid-sequence
         assert losses.target_count((ids, labels)) == len(ids) - prompt_length
+
+
+def test_search_tuning_and_recovery_build_the_same_rows(tiny_dirs, tmp_path):
+    """The candidates' short tuning and recovery read an Alpaca file into the same rows: blank outputs dropped
+    by both (EOS alone is not a response)."""
+    source = alpaca_file(tmp_path / "rows.json", [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Say nothing.", "input": "", "output": ""},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say nothing again.", "input": "", "output": " \n "},
+    ])
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    search = Search(loaded, SearchConfig(targets=[0.2], path_criterion="kl", tune_data=str(source), calib_samples=4,
+                                         path_samples=4, path_max_length=32, lora=SMALL), tmp_path / "run")
+    rows, record = recovery.alpaca_rows(loaded.tokenizer, str(source), SMALL.max_length)
+    assert (record["rows"], record["dropped"]) == (2, 2)
+    assert search.tune_rows == rows
+    responses = [loaded.tokenizer.decode(ids[labels.count(data.IGNORE) : -1]) for ids, labels in rows]
+    assert responses == ["Blue.", "5"]
 
 
 def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):

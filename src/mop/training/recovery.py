@@ -20,7 +20,7 @@ from mop.provenance import read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
 from mop.training.lora import LoraSettings, attach_lora, merge_lora
 from mop.training.loop import make_accelerator, train
-from mop.training.losses import LossFn, Row, cross_entropy_sum, distillation_sum
+from mop.training.losses import LossFn, cross_entropy_sum, distillation_sum
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,18 @@ class FinetuneConfig:
         return {k: v for k, v in asdict(self).items() if k != "save_every"}
 
 
-def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]:
-    """Alpaca rows: prompt masked, EOS learned, no BOS mid-sequence; rows with no response token dropped
-    (an empty output, or a response cut away by `max_length`)."""
+def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], dict]:
+    """Alpaca rows (`data.sft_rows`: prompt masked, EOS learned, no BOS mid-sequence, rows with no response
+    token dropped) and the record of their source."""
     examples = data.load_examples(spec)
-    rows = data.sft_rows(tokenizer, [e for e in examples if e.response.strip()], max_length)
+    rows = data.sft_rows(tokenizer, examples, max_length)
     if not rows:
         raise MopError(f"{spec}: no row keeps a response token within {max_length} tokens")
     return rows, {"data": spec, "source": data.source(spec), "examples": len(examples), "rows": len(rows),
                   "dropped": len(examples) - len(rows)}
 
 
-def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]:
+def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], dict]:
     """Raw text joined and cut into `max_length`-token segments; every next token is a target."""
     texts = data.load_texts(spec)
     segments = [s.tolist() for s in data.token_segments(tokenizer, texts, max_length)]
@@ -113,7 +113,7 @@ def _teacher_name(config: FinetuneConfig, provenance: dict, model: str) -> str |
 
 
 def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: dict, device: str,
-               dtype: str) -> tuple[list[Row], LossFn, dict]:
+               dtype: str) -> tuple[list[data.Row], LossFn, dict]:
     """The rows and loss of the configured method, and the record of their sources; the teacher is loaded
     on the student's device, in its dtype."""
     lora, tokenizer = config.lora, loaded.tokenizer
