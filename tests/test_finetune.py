@@ -1,5 +1,6 @@
-"""Recovery fine-tuning (`mop finetune`): training rows, the loss, merged checkpoints, resume, two processes,
-knowledge distillation and bad input, on tiny random models."""
+"""Recovery fine-tuning (`mop finetune`): training rows (the same as the search's short tuning), the loss, merged
+checkpoints and their hash, the bf16 merge, resume, two processes, knowledge distillation and bad input, on tiny
+random models."""
 
 import copy
 import json
@@ -11,19 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mop import cli, data, provenance
-from mop.training import checkpoints, lora, loop, losses, recovery
-from mop.training.losses import distillation_sum
-from peft import get_peft_model_state_dict
-from peft.tuners.lora import Linear as LoraLinear
 from mop.errors import MopError
 from mop.models import load_model, save_checkpoint, weights_sha256
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.surgery import remove_layer
-from mop.training import FinetuneConfig, LoraSettings, finetune
+from mop.training import FinetuneConfig, LoraSettings, checkpoints, finetune, lora, loop, losses, recovery
 
 SMALL = LoraSettings(rank=4, batch_size=4, micro_batch_size=2, max_length=256)  # the tiny tokenizer is verbose
 
@@ -223,7 +222,7 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     rows, record = recovery.text_rows(teacher.tokenizer, str(texts), 64)
     assert record["rows"] >= 8 and all(ids == labels for ids, labels in rows)
     batch = loop._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
-    kd = distillation_sum(teacher.model, temperature=2.0)
+    kd = losses.distillation_sum(teacher.model, temperature=2.0)
     with torch.no_grad():
         assert kd(same.model, batch).item() == pytest.approx(0, abs=1e-6)
 
@@ -238,10 +237,10 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     result = finetune(str(tmp_path / "pruned"), tmp_path / "distilled", config)
     assert result["teacher"]["name"] == str(tmp_path / "teacher")  # the source named in mop.json
     assert result["teacher"]["sha256"] == teacher.weights_sha256
-    losses = result["losses"]
-    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:2]) / 2
-    provenance = json.loads((tmp_path / "distilled" / "mop.json").read_text())
-    assert provenance["path"] == "D" and provenance["finetune"]["method"] == "kd"
+    trained = result["losses"]
+    assert sum(trained[-4:]) / 4 < 0.5 * sum(trained[:2]) / 2
+    written = json.loads((tmp_path / "distilled" / "mop.json").read_text())
+    assert written["path"] == "D" and written["finetune"]["method"] == "kd"
     with torch.no_grad():
         after = kd(AutoModelForCausalLM.from_pretrained(tmp_path / "distilled"), batch).item()
     assert after < 0.6 * before
