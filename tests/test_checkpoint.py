@@ -2,12 +2,16 @@
 same logits as the pruned model in memory, and generates with the KV cache, in every mode and family."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mop.models import count_params, load_model
+from mop import cli
+from mop.errors import MopError
+from mop.models import count_params, load_model, loading, saved_weights_sha256, weights_sha256
 from mop.pruning.search import Search, SearchConfig
 from mop.training import LoraSettings
 
@@ -96,3 +100,45 @@ def test_device_auto_uses_accelerate_device_map(tiny_dirs, tmp_path):
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     Search(loaded, SearchConfig(targets=[0.1], **SMALL), tmp_path).run()
     assert_reloads_identically(loaded.model, tmp_path / "target-10")
+
+
+def test_device_auto_refuses_offloaded_weights(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """A memory budget the model does not fit makes accelerate offload layers to the disk, leaving their
+    parameters on the meta device (as a GPU map that spills to the CPU does): refused at load, in one line."""
+    from_pretrained = loading.AutoModelForCausalLM.from_pretrained
+
+    class Spilling:  # the device map of a machine with ~0.4 MB of memory: embeddings and layer 0 fit (0.87 MB in all)
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return from_pretrained(*args, max_memory={"cpu": 400_000}, **kwargs)
+
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", Spilling)
+    with pytest.raises(MopError, match=r"\(model\.layers\.1 is offloaded\)"):
+        load_model(str(tiny_dirs["llama-gqa"]), device="auto")
+    out = tmp_path / "run"
+    assert cli.main(["prune", str(tiny_dirs["llama-gqa"]), "--device", "auto", "--target", "0.2", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the loading bars
+    assert error.startswith("mop: error: --device auto leaves part of") and error.endswith("more memory")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha"])  # tied and untied embeddings
+def test_weights_hash_is_of_tensor_contents_not_files(tiny_dirs, tmp_path, family):
+    """One digest of the weights everywhere: the stored tensors, whatever the file layout, metadata, the dtype or
+    the device the model is loaded in; and what saving a model in memory will give."""
+    source = tiny_dirs[family]
+    digest = weights_sha256(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    assert saved_weights_sha256(model) == digest
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 3
+    tensors = load_file(source / "model.safetensors")
+    shutil.copytree(source, tmp_path / "metadata")  # config and tokenizer; the weights re-saved with other metadata
+    save_file(tensors, tmp_path / "metadata" / "model.safetensors", metadata={"format": "pt", "saved_by": "someone else"})
+    assert (tmp_path / "metadata" / "model.safetensors").read_bytes() != (source / "model.safetensors").read_bytes()
+    assert weights_sha256(tmp_path / "sharded") == weights_sha256(tmp_path / "metadata") == digest
+    for directory, device, dtype in [(source, "cpu", "bfloat16"), (source, "auto", "float32"), (tmp_path / "metadata", "cpu", "float32")]:
+        assert load_model(str(directory), device, dtype).weights_sha256 == digest
+    tensors["model.norm.weight"][0] += 1
+    save_file(tensors, tmp_path / "metadata" / "model.safetensors")
+    assert weights_sha256(tmp_path / "metadata") != digest

@@ -1,6 +1,8 @@
-"""Recovery fine-tuning (`mop finetune`): training rows, the loss, merged checkpoints, resume, two processes,
-knowledge distillation and bad input, on tiny random models."""
+"""Recovery fine-tuning (`mop finetune`): training rows (the same as the search's short tuning), the loss, merged
+checkpoints and their hash, the bf16 merge, resume, two processes, knowledge distillation and bad input, on tiny
+random models."""
 
+import copy
 import json
 import os
 import socket
@@ -10,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mop import cli, data, provenance
-from mop.training import checkpoints, lora, loop, losses, recovery
-from mop.training.losses import distillation_sum
-from peft import get_peft_model_state_dict
 from mop.errors import MopError
-from mop.models import load_model, save_checkpoint
+from mop.models import load_model, save_checkpoint, weights_sha256
+from mop.pruning.search import Search, SearchConfig
 from mop.pruning.surgery import remove_layer
-from mop.training import FinetuneConfig, LoraSettings, finetune
+from mop.training import FinetuneConfig, LoraSettings, checkpoints, finetune, lora, loop, losses, recovery
 
 SMALL = LoraSettings(rank=4, batch_size=4, micro_batch_size=2, max_length=256)  # the tiny tokenizer is verbose
 
@@ -55,8 +57,8 @@ def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tok
     rows, record = recovery.alpaca_rows(tokenizer, str(source), max_length=256)
     assert (record["examples"], record["rows"], record["dropped"]) == (4, 2, 2)
     for (ids, labels), row in zip(rows, ["Blue.", "5"]):
-        prompt_length = labels.count(losses.IGNORE)
-        assert labels[:prompt_length] == [losses.IGNORE] * prompt_length
+        prompt_length = labels.count(data.IGNORE)
+        assert labels[:prompt_length] == [data.IGNORE] * prompt_length
         assert labels[prompt_length:] == ids[prompt_length:]  # every response token is learned ...
         assert tokenizer.decode(ids[prompt_length:-1]) == row  # ... the response, then EOS
         assert ids[-1] == tokenizer.eos_token_id
@@ -64,6 +66,25 @@ def test_rows_mask_the_prompt_keep_eos_and_drop_rows_without_response(which, tok
         if tokenizer.bos_token_id is not None:
             assert tokenizer.bos_token_id not in ids[1:]  # no BOS mid-sequence
         assert losses.target_count((ids, labels)) == len(ids) - prompt_length
+
+
+def test_search_tuning_and_recovery_build_the_same_rows(tiny_dirs, tmp_path):
+    """The candidates' short tuning and recovery read an Alpaca file into the same rows: blank outputs dropped
+    by both (EOS alone is not a response)."""
+    source = alpaca_file(tmp_path / "rows.json", [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Say nothing.", "input": "", "output": ""},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say nothing again.", "input": "", "output": " \n "},
+    ])
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    search = Search(loaded, SearchConfig(targets=[0.2], path_criterion="kl", tune_data=str(source), calib_samples=4,
+                                         path_samples=4, path_max_length=32, lora=SMALL), tmp_path / "run")
+    rows, record = recovery.alpaca_rows(loaded.tokenizer, str(source), SMALL.max_length)
+    assert (record["rows"], record["dropped"]) == (2, 2)
+    assert search.tune_rows == rows
+    responses = [loaded.tokenizer.decode(ids[labels.count(data.IGNORE) : -1]) for ids, labels in rows]
+    assert responses == ["Blue.", "5"]
 
 
 def test_loss_falls_when_a_tiny_model_overfits_a_few_rows(tiny_dirs):
@@ -134,7 +155,7 @@ def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp
     assert whole["steps"] == 4 and len(whole["losses"]) == 4 and whole["resumed_at"] == []
     assert whole["data"]["rows"] + whole["data"]["dropped"] == whole["data"]["examples"] == 999
     saved = load_file(tmp_path / "whole" / "model.safetensors")
-    assert whole["merged_sha256"] == [provenance.weights_digest(saved)]
+    assert whole["merged_sha256"] == [weights_sha256(tmp_path / "whole")] == [provenance.weights_digest(saved)]
     assert not checkpoints.state_dir(tmp_path / "whole").exists()
 
     write = checkpoints.write_json_atomic
@@ -185,9 +206,9 @@ def test_two_processes_train_the_same_merged_weights(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "mop.json").read_text())["finetune"]
     assert record["processes"] == 2 and record["steps"] == 3
-    digest = provenance.weights_digest(load_file(out / "model.safetensors"))
+    digest = weights_sha256(out)
     assert record["merged_sha256"] == [digest, digest]
-    assert digest != provenance.weights_digest(load_file(tiny_dirs["llama-mha"] / "model.safetensors"))
+    assert digest != weights_sha256(tiny_dirs["llama-mha"])
 
 
 def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_dirs, tmp_path):
@@ -201,7 +222,7 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     rows, record = recovery.text_rows(teacher.tokenizer, str(texts), 64)
     assert record["rows"] >= 8 and all(ids == labels for ids, labels in rows)
     batch = loop._batch(rows[:4], teacher.tokenizer.pad_token_id, torch.device("cpu"))
-    kd = distillation_sum(teacher.model, temperature=2.0)
+    kd = losses.distillation_sum(teacher.model, temperature=2.0)
     with torch.no_grad():
         assert kd(same.model, batch).item() == pytest.approx(0, abs=1e-6)
 
@@ -216,10 +237,10 @@ def test_distillation_loss_is_zero_for_the_teacher_and_falls_with_training(tiny_
     result = finetune(str(tmp_path / "pruned"), tmp_path / "distilled", config)
     assert result["teacher"]["name"] == str(tmp_path / "teacher")  # the source named in mop.json
     assert result["teacher"]["sha256"] == teacher.weights_sha256
-    losses = result["losses"]
-    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:2]) / 2
-    provenance = json.loads((tmp_path / "distilled" / "mop.json").read_text())
-    assert provenance["path"] == "D" and provenance["finetune"]["method"] == "kd"
+    trained = result["losses"]
+    assert sum(trained[-4:]) / 4 < 0.5 * sum(trained[:2]) / 2
+    written = json.loads((tmp_path / "distilled" / "mop.json").read_text())
+    assert written["path"] == "D" and written["finetune"]["method"] == "kd"
     with torch.no_grad():
         after = kd(AutoModelForCausalLM.from_pretrained(tmp_path / "distilled"), batch).item()
     assert after < 0.6 * before
@@ -242,3 +263,33 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dirs, tmp_path, capsys):
         assert cli.main(argv + ["--out", str(out)]) == 2, message
         assert message in capsys.readouterr().err
         assert not out.exists() and not checkpoints.state_dir(out).exists()
+
+
+def test_bf16_recovery_merges_in_fp32_and_rounds_once(tiny_dirs, tmp_path, monkeypatch):
+    """Each merged bf16 weight is the bf16 value nearest to W + scale·B@A computed in fp32 (one rounding); an
+    in-dtype merge (peft's safe_merge, or adapters held in bf16) rounds the delta to bf16 first and differs."""
+    expected, in_dtype = {}, {}
+    train = recovery.train
+
+    def train_then_record_merges(peft_model, *args, **kwargs):
+        progress = train(peft_model, *args, **kwargs)
+        with torch.no_grad():
+            for name, module in peft_model.base_model.model.named_modules():
+                if isinstance(module, LoraLinear):
+                    w, a, b = module.base_layer.weight, module.lora_A["default"].weight, module.lora_B["default"].weight
+                    assert w.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
+                    expected[f"{name}.weight"] = (w.float() + module.scaling["default"] * (b.float() @ a.float())).bfloat16()
+            in_dtype.update(copy.deepcopy(peft_model).merge_and_unload(safe_merge=True).state_dict())
+        return progress
+
+    monkeypatch.setattr(recovery, "train", train_then_record_merges)
+    settings = LoraSettings(rank=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_length=256)
+    out = tmp_path / "bf16"
+    record = finetune(str(tiny_dirs["llama-mha"]), out, small(max_steps=1, lora=settings), dtype="bfloat16")
+    assert record["merged_sha256"] == [weights_sha256(out)] == [load_model(str(out)).weights_sha256]
+    saved = load_file(out / "model.safetensors")
+    assert len(expected) == 7 * 6
+    for name, weight in expected.items():
+        assert torch.equal(saved[name], weight), name
+    rounded_twice = sum((in_dtype[name] != weight).sum().item() for name, weight in expected.items())
+    assert rounded_twice > 0.001 * sum(weight.numel() for weight in expected.values())

@@ -18,7 +18,7 @@ from mop.pruning.search import MODES, SearchConfig
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a checkpoint directory, a hub id, or smollm2-135m")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (spread over GPUs and CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (spread over the GPUs; no offloading)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 

@@ -36,6 +36,10 @@ PROMPT_NO_INPUT = (
 )
 
 
+IGNORE = -100  # label of a position that is not learned (prompt, padding)
+Row = tuple[list[int], list[int]]  # (input_ids, labels): labels[t] = IGNORE where token t is not a target
+
+
 class DataUnavailable(MopError):
     """A named data set is neither under MOP_DATA_DIR nor on a reachable hub."""
 
@@ -185,7 +189,7 @@ def sample(items: list, n: int, seed: int) -> list:
 class Batch:
     input_ids: torch.Tensor  # [B, T] int64, right-padded
     attention_mask: torch.Tensor  # [B, T] int64, 1 on real tokens
-    labels: torch.Tensor | None = None  # [B, T] int64, -100 where no loss
+    labels: torch.Tensor | None = None  # [B, T] int64, IGNORE where no loss
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -195,7 +199,7 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def collate(ids: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> Batch:
     mask = _pad([[1] * len(r) for r in ids], 0)
-    return Batch(_pad(ids, pad_id), mask, None if labels is None else _pad(labels, -100))
+    return Batch(_pad(ids, pad_id), mask, None if labels is None else _pad(labels, IGNORE))
 
 
 def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[Batch]:
@@ -221,16 +225,20 @@ def text_segments(tokenizer, text: str, length: int, limit: int | None = None) -
     return segments[:limit] if limit else segments
 
 
-def sft_rows(tokenizer, examples: list[Example], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example: prompt tokens masked (-100), EOS appended, no BOS mid-sequence;
-    rows whose response is cut away entirely by `max_length` are dropped."""
+def sft_rows(tokenizer, examples: list[Example], max_length: int) -> list[Row]:
+    """(input_ids, labels) per example: prompt tokens masked (IGNORE), EOS appended, no BOS mid-sequence.
+    Examples with no response token are dropped: a blank response (whitespace only; EOS alone is not a
+    response), or one cut away entirely by `max_length`. The one Alpaca row builder: recovery fine-tuning and
+    the candidates' short tuning both call it."""
     rows = []
     for example in examples:
+        if not example.response.strip():
+            continue
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + response)[:max_length]
-        labels = ([-100] * len(prompt) + response)[:max_length]
-        if any(label != -100 for label in labels):
+        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+        if any(label != IGNORE for label in labels):
             rows.append((ids, labels))
     return rows
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from mop.errors import MopError
 from mop.models.adapters import DecoderAdapter, adapter_for, check_architecture
-from mop.provenance import WeightsDigest
+from mop.provenance import WeightsDigest, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,17 @@ def weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def saved_weights_sha256(model: nn.Module) -> str:
+    """The `weights_sha256` of the checkpoint `save_pretrained` writes for `model`: the digest of its state dict,
+    each tensor shared by several names (tied embeddings) once, under its first name, as transformers keeps it."""
+    tensors, storages = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.untyped_storage().data_ptr() not in storages:
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+    return weights_digest(tensors)
+
+
 def _stored_tensors(directory: Path):
     """(name, tensor) for every tensor in the checkpoint's weight files, as stored."""
     files = sorted(directory.glob("*.safetensors"))
@@ -162,10 +173,26 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         release_freed_memory()
     except Exception as error:
         raise MopError(f"cannot load the model in {directory}: {str(error).splitlines()[0]}") from None
+    _refuse_offloading(model, directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return LoadedModel(model, tokenizer, adapter_for(model), name, directory, digest)
+
+
+def _refuse_offloading(model: nn.Module, directory: Path) -> None:
+    """Refuse a placement that leaves weights outside memory: accelerate's `device_map="auto"` offloads what
+    does not fit to the disk (or, beside GPUs, to the CPU), keeping those parameters on the `meta` device and
+    loading them only inside each module's forward. Surgery would slice meta tensors, and scores, LoRA and
+    saving would see weights that are not there."""
+    placement = getattr(model, "hf_device_map", {})
+    uses_gpus = any(where not in ("cpu", "disk") for where in placement.values())
+    offloaded = [name for name, where in placement.items() if where == "disk" or (where == "cpu" and uses_gpus)]
+    offloaded += [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if offloaded:
+        raise MopError(f"--device auto leaves part of {directory} outside device memory ({offloaded[0]} is "
+                       "offloaded) and mop cannot prune or tune offloaded weights: use a smaller --dtype, "
+                       "or a machine with more memory")
 
 
 def input_device(model: nn.Module) -> torch.device:

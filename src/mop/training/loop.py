@@ -20,7 +20,7 @@ from mop import data
 from mop.errors import MopError
 from mop.models import input_device
 from mop.training.checkpoints import Checkpoints, Progress
-from mop.training.losses import LossFn, Row, cross_entropy_sum, target_count
+from mop.training.losses import LossFn, cross_entropy_sum, target_count
 from mop.training.lora import LoraSettings
 
 
@@ -34,7 +34,7 @@ def row_order(n: int, count: int, seed: int) -> list[int]:
     return order[:count]
 
 
-def _batch(rows: list[Row], pad_id: int, device: torch.device) -> data.Batch:
+def _batch(rows: list[data.Row], pad_id: int, device: torch.device) -> data.Batch:
     batch = data.collate([ids for ids, _ in rows], pad_id, [labels for _, labels in rows])
     return data.Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
 
@@ -60,7 +60,7 @@ def checkpointed_activations(model: nn.Module, enabled: bool) -> Iterator[None]:
         base.disable_input_require_grads()  # the embedding hook enable() adds; disable() leaves it to HF's peft
 
 
-def train(model: nn.Module, rows: list[Row], settings: LoraSettings, steps: int, seed: int, pad_id: int,
+def train(model: nn.Module, rows: list[data.Row], settings: LoraSettings, steps: int, seed: int, pad_id: int,
           loss_fn: LossFn = cross_entropy_sum, accelerator: Accelerator | None = None,
           checkpoints: Checkpoints | None = None, desc: str = "tuning") -> Progress:
     """`steps` AdamW steps of `settings.batch_size` rows each, linear decay to 0, on the trainable

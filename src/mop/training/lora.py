@@ -1,4 +1,5 @@
-"""LoRA adapters on the seven projections of every decoder layer, with the paper's settings (SPEC §1)."""
+"""LoRA adapters on the seven projections of every decoder layer, with the paper's settings (SPEC §1): attached
+for a block (the candidates' short tuning) or merged into the weights (recovery)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,3 +51,21 @@ def lora_attached(model: nn.Module, settings: LoraSettings, seed: int) -> Iterat
         yield peft_model
     finally:
         peft_model.unload()
+
+
+def merge_lora(peft_model: PeftModel) -> nn.Module:
+    """The base model with the adapters folded into its weights, in fp32 and rounded once to the weights' dtype:
+    W ← (W.float() + scale · B.float() @ A.float()).to(W.dtype), W [out, in], A [r, in], B [out, r].
+
+    peft's own merge rounds the delta to the weights' dtype before adding it, so a bf16 weight is rounded twice
+    and small deltas drift; here each merged weight is the bf16 value nearest to the exact sum."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLinear):
+                weight = module.get_base_layer().weight
+                merged = weight.float()
+                for name in module.active_adapters:
+                    delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
+                    merged = merged + module.scaling[name] * delta
+                weight.copy_(merged)
+    return peft_model.unload()

@@ -1,4 +1,5 @@
-"""Training rows and losses: supervised next-token cross-entropy on target tokens, and distillation."""
+"""Losses of a batch of rows (`mop.data.Row`): supervised next-token cross-entropy on target tokens, and
+distillation from a teacher's distributions."""
 
 from __future__ import annotations
 
@@ -10,21 +11,19 @@ import torch.nn.functional as F
 
 from mop import data
 
-IGNORE = -100  # label of a position that is not learned (prompt, padding)
-Row = tuple[list[int], list[int]]  # (input_ids, labels): labels[t] = IGNORE where token t is not a target
 LossFn = Callable[[nn.Module, data.Batch], torch.Tensor]  # summed over the batch's target positions (nats)
 
 
-def target_count(row: Row) -> int:
+def target_count(row: data.Row) -> int:
     """Positions of `row` that enter the loss: those whose next token is a target."""
-    return sum(label != IGNORE for label in row[1][1:])
+    return sum(label != data.IGNORE for label in row[1][1:])
 
 
 def target_logits(model: nn.Module, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions whose next token is a target, float32 [N, V], and those targets [N].
 
     Only these N rows are kept (and, in training, given a gradient): the [B, T, V] logits are freed at once."""
-    is_target = batch.labels[:, 1:] != IGNORE  # [B, T-1]
+    is_target = batch.labels[:, 1:] != data.IGNORE  # [B, T-1]
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return logits[:, :-1][is_target].float(), batch.labels[:, 1:][is_target]
 

@@ -15,12 +15,12 @@ from accelerate.utils import gather_object
 
 from mop import data
 from mop.errors import MopError
-from mop.models import load_model, save_checkpoint
-from mop.provenance import read_provenance, versions, weights_digest
+from mop.models import load_model, save_checkpoint, saved_weights_sha256
+from mop.provenance import read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
-from mop.training.lora import LoraSettings, attach_lora
+from mop.training.lora import LoraSettings, attach_lora, merge_lora
 from mop.training.loop import make_accelerator, train
-from mop.training.losses import LossFn, Row, cross_entropy_sum, distillation_sum
+from mop.training.losses import LossFn, cross_entropy_sum, distillation_sum
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,18 @@ class FinetuneConfig:
         return {k: v for k, v in asdict(self).items() if k != "save_every"}
 
 
-def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]:
-    """Alpaca rows: prompt masked, EOS learned, no BOS mid-sequence; rows with no response token dropped
-    (an empty output, or a response cut away by `max_length`)."""
+def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], dict]:
+    """Alpaca rows (`data.sft_rows`: prompt masked, EOS learned, no BOS mid-sequence, rows with no response
+    token dropped) and the record of their source."""
     examples = data.load_examples(spec)
-    rows = data.sft_rows(tokenizer, [e for e in examples if e.response.strip()], max_length)
+    rows = data.sft_rows(tokenizer, examples, max_length)
     if not rows:
         raise MopError(f"{spec}: no row keeps a response token within {max_length} tokens")
     return rows, {"data": spec, "source": data.source(spec), "examples": len(examples), "rows": len(rows),
                   "dropped": len(examples) - len(rows)}
 
 
-def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[Row], dict]:
+def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], dict]:
     """Raw text joined and cut into `max_length`-token segments; every next token is a target."""
     texts = data.load_texts(spec)
     segments = [s.tolist() for s in data.token_segments(tokenizer, texts, max_length)]
@@ -113,7 +113,7 @@ def _teacher_name(config: FinetuneConfig, provenance: dict, model: str) -> str |
 
 
 def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: dict, device: str,
-               dtype: str) -> tuple[list[Row], LossFn, dict]:
+               dtype: str) -> tuple[list[data.Row], LossFn, dict]:
     """The rows and loss of the configured method, and the record of their sources; the teacher is loaded
     on the student's device, in its dtype."""
     lora, tokenizer = config.lora, loaded.tokenizer
@@ -159,14 +159,15 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
     peft_model = attach_lora(loaded.model, lora, config.seed)
     progress = train(peft_model, rows, lora, steps, config.seed, loaded.tokenizer.pad_token_id, loss_fn, accelerator,
                      checkpoints, desc=f"finetune ({config.method})")
-    merged = peft_model.merge_and_unload()
+    merged = merge_lora(peft_model)
     record = {
         "identity": identity, "method": config.method, "settings": asdict(config), **sources,
         "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
         "device": device, "dtype": dtype, "losses": progress.losses, "step_seconds": progress.step_seconds,
         "seconds": round(sum(progress.step_seconds), 3), "resumed_at": progress.resumed_at,
-        # sha256 of the merged weights as each process holds them: equal entries, bitwise equal weights
-        "merged_sha256": gather_object([weights_digest(dict(merged.named_parameters()))]),
+        # per process, the weights_sha256 its merged weights would be saved with: equal entries, bitwise equal
+        # weights; the saved checkpoint's `weights_sha256(out)` is the main process's entry
+        "merged_sha256": gather_object([saved_weights_sha256(merged)]),
         "versions": versions(),
     }
     if accelerator.is_main_process:
