@@ -4,7 +4,6 @@ biases, which have no Mistral twin, so the planner keeps their head counts divid
 
 import json
 
-import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
