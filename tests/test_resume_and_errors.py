@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from mop.cli import main
+from mop.models import load_model
+from mop.pruning.search import Search, SearchConfig
 
 SMALL = ["--calib-samples", "8", "--calib-max-length", "64", "--path-samples", "8", "--path-max-length", "64",
          "--tune-batch-size", "4", "--tune-micro-batch-size", "2", "--tune-max-length", "128"]
@@ -100,10 +102,14 @@ def test_bad_targets(tiny_dirs, tmp_path, capsys, target, message):
 
 
 def test_unreachable_target_depends_on_mode(tiny_dirs, tmp_path, capsys):
-    """Depth mode keeps two of six layers, so 0.7 is out of its reach but not of the mixture's."""
+    """Depth mode keeps two of six layers (4 × 30,848 of 217,920 parameters removed, at most 0.5662), so 0.7 is
+    out of its reach but not of the mixture's."""
     line = run_error(capsys, "prune", str(tiny_dirs["llama-gqa"]), "--target", "0.7", "--mode", "depth",
                      "--out", str(tmp_path / "out"))
-    assert "cannot be reached in mode depth" in line
+    assert line == "mop: error: target 0.7 cannot be reached in mode depth: at most 0.5662 (of all parameters)"
+    assert 4 * 30_848 / 217_920 == pytest.approx(0.5662, abs=1e-4)
+    search = Search(load_model(str(tiny_dirs["llama-gqa"])), SearchConfig(targets=[0.7]), tmp_path / "mixture")
+    assert search.goal(0.7) == pytest.approx(0.3 * 217_920)  # accepted: the mixture goes on with width steps
 
 
 @pytest.mark.parametrize("name, message", [("missing", "not found"), ("empty", "no config.json"),

@@ -83,9 +83,11 @@ def test_structural_copy_shares_weights_and_pruning_leaves_original_intact(famil
     assert torch.equal(logits(model), before)
 
 
-def test_last_unit_is_kept_by_complement():
+def test_complement_is_the_sorted_kept_indices():
     from mop.pruning.surgery import complement
 
     assert complement([0, 2], 4).tolist() == [1, 3]
+    assert complement([3, 1], 5).tolist() == [0, 2, 4]  # removed indices in any order
+    assert complement([], 3).tolist() == [0, 1, 2]
     with pytest.raises(IndexError):
         complement([5], 4)

@@ -1,9 +1,11 @@
 """Exact parameter matching of the width step, on coarse and fine attention shapes."""
 
+import math
+
 import pytest
 
 from mop.models.adapters import LayerShape
-from mop.pruning.width import plan_width
+from mop.pruning.width import plan_width, width_floor
 
 # (shape, layers): a Qwen2-0.5B-like coarse GQA (14 heads / 2 KV heads, d_h 64), SmolLM2, LLaMA-2-7B (MHA)
 SHAPES = {
@@ -26,6 +28,8 @@ def shrink(shape: LayerShape, groups: int, neurons: int) -> LayerShape:
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_width_steps_match_layer_params_and_carry_attention(name):
     shape, layers = SHAPES[name]
+    coarse = shape.group_params * layers > layer_total(shape)  # one group out of every layer costs more than a layer
+    assert coarse == (name != "llama2-7b")
     carry, due_total, groups_total = 0.0, 0.0, 0
     for step in range(12):
         budget = layer_total(shape)  # p_ℓ of the layer a depth step would remove
@@ -39,12 +43,13 @@ def test_width_steps_match_layer_params_and_carry_attention(name):
         due_total += budget * share / (shape.group_params * layers)
         groups_total += plan.groups_per_layer
         assert plan.carry_out == pytest.approx(due_total - groups_total)
-        assert plan.groups_per_layer * shape.group_params * layers <= budget
+        if coarse:  # attention waits: nothing is spent, everything due is carried
+            assert plan.groups_per_layer == 0
+        else:  # fine attention: every whole group due is spent at once, less than one is carried
+            assert 0 <= plan.carry_out < 1
         carry = plan.carry_out
         shape = shrink(shape, plan.groups_per_layer, plan.neurons_per_layer)
-    assert shape.kv_heads >= 1 and shape.intermediate >= 1
-    if name == "llama2-7b":  # fine attention: heads are pruned along the way, close to their share
-        assert groups_total > 0 and abs(carry) < 1
+    assert groups_total == (0 if coarse else math.floor(due_total))
 
 
 def test_coarse_groups_wait_until_they_fit():
@@ -65,3 +70,18 @@ def test_never_prunes_the_last_unit():
     plan = plan_width(shape, 2, 10**9, carry=3.0)
     assert plan.groups_per_layer == 0 and plan.neurons_per_layer == 2
     assert plan.achieved < plan.planned
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_width_floor_follows_the_planner(name):
+    """Width steps alone, each a layer's worth: on the coarse shapes attention is never pruned and the MLP goes
+    down to one neuron; on two layers any shape goes down to one group and one neuron."""
+    shape, layers = SHAPES[name]
+    fixed = NORMS * shape.hidden
+    one_neuron = fixed + shape.attention_params + shape.neuron_params
+    thinnest = fixed + shape.group_params + shape.neuron_params
+    if name != "llama2-7b":
+        assert width_floor(shape, layers, fixed) == one_neuron
+    else:  # 32 heads: some are pruned while they fit, then a head out of 32 layers outgrows the shrunk layer
+        assert thinnest < width_floor(shape, layers, fixed) < one_neuron
+    assert width_floor(shape, 2, fixed) == thinnest

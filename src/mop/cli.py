@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.errors import MopError
-from mop.pruning.search import MODES, SearchConfig
+from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="mop",
                         help="pruning method: mop (the paper's search, see --mode) or a peer (shortgpt, ...)")
     parser.add_argument("--mode", default="mop", choices=MODES, help="mop's mode: the mixture, depth only, width only")
+    parser.add_argument("--compression-of", default="all", choices=COMPRESSIONS,
+                        help="what --target measures: all parameters (the paper's c = 1 - P/P0) or the body "
+                             "(non-embedding parameters)")
     parser.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
     parser.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
     parser.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
@@ -74,7 +77,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
 
     config = SearchConfig(
         targets=args.target, method=args.method, mode=args.mode, layer_criterion=args.layer_criterion,
-        width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed, calib=args.calib,
+        width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed,
+        compression_of=args.compression_of, calib=args.calib,
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,

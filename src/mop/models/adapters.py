@@ -98,6 +98,10 @@ class DecoderAdapter:
         self.sync_config(model)
         return self.text_config(model)
 
+    def kv_head_counts(self, model: nn.Module) -> frozenset[int] | None:
+        """The KV-group counts a pruned layer may keep and still be exported (None: any count)."""
+        return None
+
 
 class LlamaAdapter(DecoderAdapter):
     """LLaMA-1/2/3, SmolLM, TinyLlama.
@@ -105,8 +109,16 @@ class LlamaAdapter(DecoderAdapter):
     transformers' `LlamaConfig` refuses `hidden_size % num_attention_heads != 0`, even with `head_dim` set.
     A bias-free LLaMA computes exactly what `MistralForCausalLM` computes when Mistral's sliding window is
     off, and Mistral's config has no such check, so those checkpoints are written as Mistral (same tensor
-    names, same weights).
+    names, same weights). A LLaMA with biases has no such twin: its head count must keep dividing hidden_size,
+    and the width planner only leaves such counts (`kv_head_counts`).
     """
+
+    def kv_head_counts(self, model: nn.Module) -> frozenset[int] | None:
+        config = self.text_config(model)
+        if not (config.attention_bias or config.mlp_bias):
+            return None
+        shape = self.shape(model)
+        return frozenset(k for k in range(1, shape.kv_heads + 1) if shape.hidden % (k * shape.n_rep) == 0)
 
     def export_config(self, model: nn.Module) -> PretrainedConfig:
         config = super().export_config(model)

@@ -59,10 +59,17 @@ def third_to_last(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch
 
 
 @layer_criterion("block_influence")
-@torch.no_grad()
 def block_influence(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> int:
-    """The layer whose output is closest to its input: lowest 1 − cos(x_in, x_out), averaged over real
-    tokens of each prompt, then over prompts. The last two layers are never chosen."""
+    """The layer whose output is closest to its input (lowest `block_influences`); the last two layers are
+    never chosen."""
+    influences = block_influences(model, adapter, batches)
+    return int(influences[: max(len(influences) - 2, 1)].argmin())
+
+
+@torch.no_grad()
+def block_influences(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> torch.Tensor:
+    """Per layer, 1 − cos(x_in, x_out) between its input and output hidden states, averaged over the real
+    tokens of each prompt, then over prompts: [n_layers] float64."""
     layers = adapter.layers(model)
     totals = torch.zeros(len(layers), dtype=torch.float64)
     mask: list[torch.Tensor] = []
@@ -79,14 +86,16 @@ def block_influence(model: nn.Module, adapter: DecoderAdapter, batches: list[Bat
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    prompts = 0
     try:
         for batch in batches:
             mask[:] = [batch.attention_mask]
             _forward(model, batch)
+            prompts += batch.input_ids.shape[0]
     finally:
         for handle in handles:
             handle.remove()
-    return int(totals[: max(len(layers) - 2, 1)].argmin())
+    return totals / prompts
 
 
 # ---------------------------------------------------------------- width criteria

@@ -19,13 +19,17 @@ from mop.errors import MopError
 from mop.provenance import versions
 from mop.models import (LoadedModel, count_params, embedding_params, layer_params, release_freed_memory,
                         save_checkpoint)
-from mop.pruning.state import RunState
+from mop.models.adapters import LayerShape
+from mop.pruning.state import RunState, target_name
 from mop.pruning.surgery import masked_width, prune_width, remove_layer, structural_copy
 from mop.training import LoraSettings, lora_attached, train
-from mop.pruning.width import WidthPlan, lowest_units, plan_width
+from mop.pruning.width import WidthPlan, lowest_units, plan_width, width_floor
 
 log = logging.getLogger(__name__)
 MODES = ("mop", "depth", "width")
+# What a target compression is measured over: every parameter (the paper's c = 1 − P/P0), or the non-embedding
+# ones ("body": on small models the embeddings are a large share, see docs/design.md).
+COMPRESSIONS = ("all", "body")
 # The calibration prompts and the path texts are one fixed draw, whatever the run's seed: the seed decides the
 # random path and the tuning subsets only, so the spread across seeds is the spread of the path (docs/design.md).
 DATA_SEED = 0
@@ -40,6 +44,7 @@ class SearchConfig:
     width_criterion: str = "amp"
     path_criterion: str = "random"
     seed: int = 0
+    compression_of: str = "all"  # one of COMPRESSIONS
     calib: str = "alpaca"  # AMP and block-influence prompts
     calib_samples: int = 128
     calib_max_length: int = 512
@@ -61,17 +66,14 @@ class SearchConfig:
             raise MopError("give at least one --target")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
-                                      ("path criterion", self.path_criterion, PATH_CRITERIA)):
+                                      ("path criterion", self.path_criterion, PATH_CRITERIA),
+                                      ("compression", self.compression_of, COMPRESSIONS)):
             if value not in registry:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
 
     def identity(self) -> dict:
         """Everything that decides the path; the targets only decide where it stops."""
         return {k: v for k, v in asdict(self).items() if k != "targets"}
-
-
-def target_name(target: float) -> str:
-    return f"target-{round(target * 100):02d}"
 
 
 class Search:
@@ -83,6 +85,8 @@ class Search:
         self.adapter = loaded.adapter
         self.path = PATH_CRITERIA[config.path_criterion]
         self.original_params = count_params(self.model)
+        self.embedding_params = embedding_params(self.model)  # no step changes them
+        self.kv_counts = self.adapter.kv_head_counts(self.model)  # None: a width step may leave any group count
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
         self._check_reachable()
         RunState.check(out, self.identity)  # fail before any long work if --out holds another run
@@ -145,17 +149,33 @@ class Search:
         return build_reference(self.model, self.adapter, batches, [])
 
     def _check_reachable(self) -> None:
-        """Refuse targets the mode cannot reach: depth keeps 2 layers, width keeps 1 group and 1 neuron a layer."""
+        """Refuse, before any work, targets the mode cannot reach (see `fewest_params`)."""
         layers = self.adapter.layers(self.model)
-        shape = self.adapter.shape(self.model)
-        full = layer_params(layers[0])
-        thinnest = full - (shape.kv_heads - 1) * shape.group_params - (shape.intermediate - 1) * shape.neuron_params
-        rest = self.original_params - len(layers) * full
-        floor = {"depth": rest + 2 * full, "width": rest + len(layers) * thinnest, "mop": rest + 2 * thinnest}
-        most = 1 - floor[self.config.mode] / self.original_params
+        floor = fewest_params(self.config.mode, self.adapter.shape(self.model), len(layers), layer_params(layers[0]),
+                              self.original_params, self.kv_counts)
         for target in self.config.targets:
-            if target > most:
-                raise MopError(f"target {target} cannot be reached in mode {self.config.mode}: at most {most:.3f}")
+            if floor > self.goal(target):
+                raise MopError(f"target {target} cannot be reached in mode {self.config.mode}: at most "
+                               f"{self.compression(floor):.4f} ({self._measure})")
+
+    # ------------------------------------------------------------ compression
+
+    @property
+    def _measure(self) -> str:
+        return {"all": "of all parameters", "body": "of non-embedding parameters"}[self.config.compression_of]
+
+    @property
+    def _uncounted(self) -> int:
+        """Parameters that the targets' compression leaves out: none, or the embeddings (body)."""
+        return self.embedding_params if self.config.compression_of == "body" else 0
+
+    def compression(self, params: int) -> float:
+        """The compression targets are measured in: 1 − P/P0, over all or over non-embedding parameters."""
+        return 1 - (params - self._uncounted) / (self.original_params - self._uncounted)
+
+    def goal(self, target: float) -> float:
+        """The parameter count at or below which `target` is reached."""
+        return self._uncounted + (1 - target) * (self.original_params - self._uncounted)
 
     # ------------------------------------------------------------ one iteration
 
@@ -191,7 +211,7 @@ class Search:
         params_before = count_params(model)
         layer = LAYER_CRITERIA[c.layer_criterion](model, adapter, self.calibration)  # ℓ*
         p_layer = layer_params(layers[layer])  # p_ℓ; c_t = p_ℓ / P(F^(t-1))
-        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry)
+        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry, self.kv_counts)
         options = [b for b, ok in (("W", c.mode != "depth" and plan.achieved > 0),
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
@@ -238,51 +258,77 @@ class Search:
         header = {"source": {"name": self.loaded.name, "sha256": self.loaded.weights_sha256,
                              "architecture": type(self.model).__name__},
                   "original_params": self.original_params,
-                  "original_embedding_params": embedding_params(self.model), "versions": versions()}
+                  "original_embedding_params": self.embedding_params, "versions": versions()}
         state = RunState.open(self.out, self.identity, header)
-        for record in state.iterations:
+        for iteration, record in enumerate(state.iterations, 1):
             self.replay(record)
-        self._save_reached(state)
-        goal = (1 - max(self.config.targets)) * self.original_params
-        bar = tqdm(total=round(100 * max(self.config.targets), 1), desc="MoP search (% compression)", unit="%")
-        bar.update(round(100 * (1 - count_params(self.model) / self.original_params), 1))
+            self._save_reached(state, iteration)  # a target added since, or one a kill left unwritten
+        goal = self.goal(max(self.config.targets))
+        bar = tqdm(total=round(100 * max(self.config.targets), 1), desc=f"MoP search (% compression {self._measure})",
+                   unit="%")
+        bar.update(round(100 * self.compression(count_params(self.model)), 1))
         while count_params(self.model) > goal:
             iteration = len(state.iterations) + 1
             record = self.step(self.model, iteration)
             release_freed_memory()  # the iteration's temporaries: the next one starts from the model alone
             state.iterations.append(record)
-            self._save_reached(state)
-            state.save()
-            bar.update(min(round(100 * record["compression"], 1) - bar.n, bar.total - bar.n))
+            state.save()  # the iteration before its checkpoints: a kill from here on replays it, then writes them
+            self._save_reached(state, iteration)
+            bar.update(min(round(100 * self.compression(record["params"]), 1) - bar.n, bar.total - bar.n))
             bar.set_postfix(path="".join(r["choice"] for r in state.iterations))
         bar.close()
-        state.save()
         return state
 
-    def _save_reached(self, state: RunState) -> None:
-        """Write a checkpoint for each target the current model reaches and that has none yet."""
+    def _save_reached(self, state: RunState, iteration: int) -> None:
+        """Write a checkpoint for each target that the current model, F^(iteration), reaches and that has none
+        yet. Called after every iteration in order, replayed ones included, so each target is taken at the
+        first iteration that reaches it, whenever it was added; `run.json` lists it once it is complete."""
         params = count_params(self.model)
         for target in sorted(self.config.targets):
             name = target_name(target)
-            if params > (1 - target) * self.original_params or (self.out / name / "mop.json").exists():
+            if name in state.targets or params > self.goal(target):
                 continue
-            save_checkpoint(self.loaded, self.model, self.out / name, self.provenance(state, target))
-            state.targets[name] = {"target": target, "iteration": len(state.iterations), "params": params,
-                                   "compression": 1 - params / self.original_params}
+            save_checkpoint(self.loaded, self.model, self.out / name, self.provenance(state, target, iteration))
+            state.targets[name] = {"target": target, "iteration": iteration, "params": params,
+                                   "compression": 1 - params / self.original_params,
+                                   "non_embedding_compression": self._non_embedding_compression(params)}
+            state.save()
 
-    def provenance(self, state: RunState, target: float) -> dict:
+    def _non_embedding_compression(self, params: int) -> float:
+        return 1 - (params - self.embedding_params) / (self.original_params - self.embedding_params)
+
+    def provenance(self, state: RunState, target: float, iteration: int) -> dict:
+        """mop.json of the checkpoint of `target`, reached by the current model at `iteration`."""
         params = count_params(self.model)
-        embedded = state.header["original_embedding_params"]
+        iterations = state.iterations[:iteration]
         return {
-            **state.header, "target": target, "mode": self.config.mode,
+            **state.header, "target": target, "compression_of": self.config.compression_of,
+            "reached_at_iteration": iteration, "mode": self.config.mode,
             "criteria": {"layer": self.config.layer_criterion, "width": self.config.width_criterion,
                          "path": self.config.path_criterion},
-            "seed": self.config.seed, "path": "".join(r["choice"] for r in state.iterations),
+            "seed": self.config.seed, "path": "".join(r["choice"] for r in iterations),
             "params": params, "compression": 1 - params / self.original_params,
-            "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
+            "non_embedding_compression": self._non_embedding_compression(params),
             "config": self.config.identity(),
-            "iterations": [{k: v for k, v in r.items() if k != "removed"} for r in state.iterations],
+            "iterations": [{k: v for k, v in r.items() if k != "removed"} for r in iterations],
         }
+
+
+def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total: int,
+                  kv_counts: frozenset[int] | None = None) -> int:
+    """The smallest parameter count a search in `mode` reaches from a model of `total` parameters with
+    `n_layers` layers of `shape` and `layer` parameters each (shape arithmetic, no weights). Depth keeps two
+    layers. Width shrinks every layer as far as the planner goes (`width_floor`: on coarse GQA shapes, where one
+    group out of every layer costs more than a layer, attention is never pruned). The mixture takes depth steps
+    down to two layers (a width step that can remove nothing forces one), then width steps on those two."""
+    rest = total - n_layers * layer
+    fixed = layer - shape.attention_params - shape.mlp_params  # norms, o_proj / down_proj biases
+    kept = min(2, n_layers)
+    if mode == "depth":
+        return rest + kept * layer
+    if mode == "width":
+        return rest + n_layers * width_floor(shape, n_layers, fixed, kv_counts)
+    return rest + kept * width_floor(shape, kept, fixed, kv_counts)
 
 
 def hash_seed(seed: int, iteration: int) -> int:

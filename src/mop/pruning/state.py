@@ -1,14 +1,29 @@
-"""The run directory: `run.json` (identity + iteration log), written atomically after every iteration, so an
-interrupted run resumes by replaying the log on the original model."""
+"""The run directory: `run.json` (identity, iteration log, targets written) and one checkpoint per target.
+
+`run.json` is the only record of what is done, rewritten atomically after every iteration and every checkpoint.
+Whatever a kill leaves behind is repaired when the run is opened again: `.partial` leftovers and checkpoints
+that `run.json` does not list are removed (the run writes them again, from the same replayed weights), and a
+listed checkpoint that is gone is written again. So an interrupted run, rerun, ends with the same files as one
+that was never interrupted.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mop.errors import MopError
 from mop.provenance import write_json_atomic
+
+RUN_FILE = "run.json"
+PARTIAL = ".partial"  # suffix of what is being written (mop.models.save_checkpoint, write_json_atomic)
+
+
+def target_name(target: float) -> str:
+    """The checkpoint directory of a target compression: 0.2 -> target-20."""
+    return f"target-{round(target * 100):02d}"
 
 
 @dataclass
@@ -21,12 +36,12 @@ class RunState:
 
     @property
     def path(self) -> Path:
-        return self.directory / "run.json"
+        return self.directory / RUN_FILE
 
     @classmethod
     def check(cls, directory: Path, identity: dict) -> dict | None:
         """The saved run in `directory`, if any; an error if the directory holds anything else."""
-        run_file = directory / "run.json"
+        run_file = directory / RUN_FILE
         if run_file.is_file():
             try:
                 saved = json.loads(run_file.read_text())
@@ -37,18 +52,34 @@ class RunState:
                               if identity.get(k) != saved.get("identity", {}).get(k))
                 raise MopError(f"{directory} holds a different run (differs in: {', '.join(diff)}); choose another --out")
             return saved
-        if directory.exists() and any(directory.iterdir()):
+        # a run killed while its first run.json was being written leaves only that file's .partial
+        if directory.exists() and any(p.name != RUN_FILE + PARTIAL for p in directory.iterdir()):
             raise MopError(f"{directory} is not empty and holds no mop run; choose another --out")
         return None
 
     @classmethod
     def open(cls, directory: Path, identity: dict, header: dict) -> "RunState":
+        """The run in `directory`, repaired after a kill; a new run is written to `run.json` at once."""
         saved = cls.check(directory, identity)
         directory.mkdir(parents=True, exist_ok=True)
         if saved is None:
-            return cls(directory, identity, header)
-        return cls(directory, identity, saved["header"], saved["iterations"], saved.get("targets", {}))
+            state = cls(directory, identity, header)
+        else:
+            state = cls(directory, identity, saved["header"], saved["iterations"], saved.get("targets", {}))
+        state.repair()
+        state.save()
+        return state
+
+    def repair(self) -> None:
+        """Remove what a kill can leave: `.partial` leftovers, checkpoints not listed in `run.json`; forget
+        listed checkpoints that are incomplete or gone (the run writes them again)."""
+        self.targets = {name: reached for name, reached in self.targets.items()
+                        if (self.directory / name / "mop.json").is_file()}
+        for entry in self.directory.iterdir():
+            unlisted = entry.name.startswith("target-") and entry.name not in self.targets
+            if entry.name.endswith(PARTIAL) or unlisted:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def save(self) -> None:
         write_json_atomic(self.path, {"identity": self.identity, "header": self.header,
-                                      "iterations": self.iterations, "targets": self.targets})
+                                      "iterations": self.iterations, "targets": dict(sorted(self.targets.items()))})
