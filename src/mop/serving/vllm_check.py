@@ -192,26 +192,26 @@ def check(models: list[str | Path], prompts=DEFAULT_PROMPTS, max_new_tokens: int
         if python is None:
             raise FileNotFoundError(why)
     models = [Path(m).resolve() for m in models]
-    jobs, references, results = [], [], {}
+    jobs, references, results, checked = [], [], [], []
     for model in models:
-        config = json.loads((model / "config.json").read_text())
-        result = CheckResult(str(model), ok=False, hf_overrides=serving_overrides(config))
-        results[str(model)] = result
+        result = CheckResult(str(model), ok=False)
+        results.append(result)
         start = time.perf_counter()
         try:
+            result.hf_overrides = serving_overrides(json.loads((model / "config.json").read_text()))
             prompt_ids, runs = transformers_greedy(model, prompts, max_new_tokens)
         except Exception as error:  # noqa: BLE001 - a checkpoint transformers cannot run is a failed check
             result.error = f"transformers: {type(error).__name__}: {error}"
             continue
         result.transformers_s = time.perf_counter() - start
         references.append(runs)
+        checked.append(result)
         jobs.append({"model": str(model), "prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens,
                      "top_logprobs": top_logprobs, "max_model_len": max_model_len,
                      "hf_overrides": result.hf_overrides})
     with tempfile.TemporaryDirectory(prefix="mop-vllm-", dir=work_dir) as tmp:
         records = run_worker(jobs, python, Path(tmp)) if jobs else []
-        for job, runs, record in zip(jobs, references, records):
-            result = results[job["model"]]
+        for result, runs, record in zip(checked, references, records):
             result.vllm_version = record.get("vllm_version")
             result.vllm_maxrss_mb = record.get("maxrss_mb")
             if not record["ok"]:
@@ -220,7 +220,7 @@ def check(models: list[str | Path], prompts=DEFAULT_PROMPTS, max_new_tokens: int
             result.vllm_load_s, result.vllm_generate_s = record["load_s"], record["generate_s"]
             result.prompts, result.max_logprob_diff = compare(runs, record, atol)
             result.ok = result.max_logprob_diff <= atol and all(p.tokens_equal or p.near_tie for p in result.prompts)
-    return [results[str(m)] for m in models]
+    return results
 
 
 def _summary(result: CheckResult) -> str:
@@ -244,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=1e-3, help="largest log-probability difference allowed")
     parser.add_argument("--json", type=Path, help="write every result here")
     args = parser.parse_args(argv)
-    try:
-        results = check(args.models, max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs,
-                        atol=args.atol)
-    except FileNotFoundError as error:
-        print(f"vLLM not found: {error}", file=sys.stderr)
+    python, why = find_vllm_python()
+    if python is None:
+        print(f"vLLM not found: {why}", file=sys.stderr)
         return 2
+    results = check(args.models, max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs,
+                    atol=args.atol, python=python)
     for result in results:
         print(_summary(result))
     if args.json:
