@@ -64,6 +64,8 @@ def test_head_count_that_does_not_divide_hidden_size_loads_as_mistral(tiny_dirs,
     config = AutoConfig.from_pretrained(tmp_path / "target-15")
     assert 96 % config.num_attention_heads != 0
     assert config.model_type == "mistral" and config.sliding_window is None
+    # engines that choose the class by `architectures` (vLLM) must see Mistral too
+    assert json.loads((tmp_path / "target-15" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
     reloaded = assert_reloads_identically(search.model, tmp_path / "target-15")
     assert type(reloaded).__name__ == "MistralForCausalLM"
 

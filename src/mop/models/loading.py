@@ -220,13 +220,16 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path, provenance
     config = loaded.adapter.export_config(model)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    original = model.config
+    original, architectures = model.config, config.architectures
     model.config = config  # save_pretrained validates and writes model.config
     try:
         model.save_pretrained(partial)
     finally:
         model.config = original
-    config.save_pretrained(partial)  # save_pretrained stamps the in-memory class name into architectures
+    # save_pretrained stamps the in-memory class name into architectures: a LLaMA exported as Mistral must say
+    # MistralForCausalLM, or engines that pick a class by `architectures` (vLLM) load it as a LLaMA
+    config.architectures = architectures
+    config.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
     (partial / "mop.json").write_text(json.dumps(provenance, indent=2))
     if out.exists():
