@@ -1,6 +1,6 @@
 """Every checkpoint class `mop` writes serves in vLLM exactly as transformers runs it (greedy, float32).
 
-vLLM lives in its own virtual environment (it pins its own torch and transformers): `ci/install-vllm.sh` makes
+vLLM lives in its own virtual environment (it pins its own torch and transformers): `scripts/install-vllm.sh` makes
 one, and `MOP_VLLM_PYTHON` (or the default location, see `mop.serving.vllm_check`) names its interpreter.
 Without it the vLLM tests are skipped with the reason; with `MOP_REQUIRE_VLLM=1` (CI) they fail instead.
 
@@ -185,6 +185,6 @@ def test_compare_detects_differences():
 def test_missing_interpreter_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("MOP_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     python, why = find_vllm_python()
-    assert python is None and "MOP_VLLM_PYTHON" in why and "ci/install-vllm.sh" in why
+    assert python is None and "MOP_VLLM_PYTHON" in why and "scripts/install-vllm.sh" in why
     with pytest.raises(FileNotFoundError):
         check([tmp_path])

@@ -8,7 +8,7 @@ transformers), through `vllm_worker.py` run by that environment's interpreter. T
 greedy token ids are equal and vLLM's top-K log-probabilities match transformers' at every step.
 
 The interpreter is `$MOP_VLLM_PYTHON`, else `$MOP_CACHE_DIR/venv-vllm/bin/python` (`~/.cache/mop/...` when
-MOP_CACHE_DIR is unset), which `ci/install-vllm.sh` installs. When neither exists the check reports
+MOP_CACHE_DIR is unset), which `scripts/install-vllm.sh` installs. When neither exists the check reports
 "vLLM not found" (exit status 2) instead of passing.
 
 A Qwen2 checkpoint whose heads were pruned needs an override: vLLM's `Qwen2ForCausalLM` (0.32) derives
@@ -51,7 +51,7 @@ def find_vllm_python() -> tuple[Path | None, str]:
     candidate = Path(configured) if configured else default_vllm_python()
     origin = "$MOP_VLLM_PYTHON" if configured else "the default location"
     if not candidate.is_file():
-        return None, (f"no vLLM interpreter at {candidate} ({origin}); install one with ci/install-vllm.sh or set "
+        return None, (f"no vLLM interpreter at {candidate} ({origin}); install one with scripts/install-vllm.sh or set "
                       "MOP_VLLM_PYTHON to the python of an environment with vLLM")
     if not os.access(candidate, os.X_OK):
         return None, f"{candidate} ({origin}) is not executable"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install vLLM for the CPU into its own virtual environment, for tests/test_vllm.py and mop.serving.vllm_check.
 #
-#   bash ci/install-vllm.sh [VENV]      (default: $MOP_VLLM_VENV, else ${MOP_CACHE_DIR:-~/.cache/mop}/venv-vllm)
+#   bash scripts/install-vllm.sh [VENV]      (default: $MOP_VLLM_VENV, else ${MOP_CACHE_DIR:-~/.cache/mop}/venv-vllm)
 #
 # Prints the environment's python on its last line; use it as MOP_VLLM_PYTHON. Idempotent: an environment that
 # already has this vLLM and none of the packages below is left as it is (about a second).
