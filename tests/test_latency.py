@@ -155,12 +155,14 @@ def test_bench_times_checkpoint_against_its_source(pruned_dir, tiny_dirs, tmp_pa
         raw = {metric: values[1:] for metric, values in r["raw"].items()}  # the kept runs
         assert all(len(values) == 3 - 1 for values in raw.values())
         assert r["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(raw["end_to_end_s"]))
-        assert r["decode_ms_per_token"]["mean"] == pytest.approx(statistics.mean(1000 * s / 3 for s in raw["decode_s"]))
-        assert r["prefill_tokens_per_s"]["mean"] == pytest.approx(statistics.mean(16 / s for s in raw["long_prefill_s"]))
+        decode_ms, prefill_rate = [1000 * s / 3 for s in raw["decode_s"]], [16 / s for s in raw["long_prefill_s"]]
+        assert r["decode_ms_per_token"]["mean"] == pytest.approx(statistics.mean(decode_ms))
+        assert r["prefill_tokens_per_s"]["mean"] == pytest.approx(statistics.mean(prefill_rate))
         # generate timed too: exactly new_tokens tokens, the loop's tokens
         assert r["generate"]["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(raw["generate_s"]))
         assert r["generate"]["new_tokens"] == 4 and r["generate"]["same_tokens_as_loop"] is True
-    for key, metric in (("speedup", "end_to_end_s"), ("decode_speedup", "decode_s"), ("generate_speedup", "generate_s")):
+    for key, metric in [("speedup", "end_to_end_s"), ("decode_speedup", "decode_s"),
+                        ("generate_speedup", "generate_s")]:
         kept = [r["raw"][metric][1:] for r in (baseline, candidate)]
         assert record[key]["of"] == metric
         assert record[key]["mean"] == pytest.approx(statistics.mean(b / c for b, c in zip(*kept)))
