@@ -290,7 +290,7 @@ def bad_arc_file(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("unknown task", "unknown task mmlu"),
-    ("limit 0", "limit must be an integer >= 1"),
+    ("limit 0", "argument --limit: expected an integer >= 1"),
     ("wrong schema", "record 1 is not an ARC record"),
     ("missing arc_challenge", "$MOP_DATA_DIR/arc/ARC-Challenge-Test.jsonl or pass --task-file arc_challenge=PATH"),
     ("not a model", "is not a model directory"),

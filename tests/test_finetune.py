@@ -255,8 +255,9 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dirs, tmp_path, capsys):
         "no config.json": ["finetune", str(not_a_model)],
         "lacks the Alpaca fields": ["finetune", str(tiny_dirs["mistral"]), "--data", str(wrong_schema)],
         "give the teacher": ["finetune", str(tiny_dirs["mistral"]), "--method", "kd"],
-        "nothing to train": ["finetune", str(tiny_dirs["mistral"]), "--max-steps", "0"],
-        "must be positive": ["finetune", str(tiny_dirs["mistral"]), "--micro-batch-size", "0"],
+        "argument --max-steps: expected an integer >= 1": ["finetune", str(tiny_dirs["mistral"]), "--max-steps", "0"],
+        "argument --micro-batch-size: expected an integer >= 1": ["finetune", str(tiny_dirs["mistral"]),
+                                                                  "--micro-batch-size", "0"],
     }
     for message, argv in cases.items():
         out = tmp_path / "out"

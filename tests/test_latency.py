@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_model
 from mop.cli import main
 from mop.errors import MopError
-from mop.latency import LatencySettings, benchmark, fixed_prompt, greedy_generate, measure, run_order, speedup_stats
+from mop.latency import (LatencySettings, benchmark, fixed_prompt, greedy_generate, measure, run_order,
+                         speedup_stats, timed_generate)
 from mop.models import load_model, save_checkpoint
 from mop.pruning.surgery import remove_layer
 
@@ -30,13 +31,37 @@ def favour_eos(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def one_second_per_pass(model: torch.nn.Module):
+    """A fake clock that advances by 1 s at every forward pass of `model`."""
+    now = [0.0]
+
+    def advance(module, args, kwargs):
+        now[0] += 1.0
+
+    model.register_forward_pre_hook(advance, with_kwargs=True)
+    return lambda: now[0]
+
+
 def test_generates_exactly_new_tokens_past_eos(tokenizer):
     model = favour_eos(tiny_model("llama-gqa"))
     prompt = fixed_prompt(tokenizer, 12)
     assert model.generate(prompt, do_sample=False, max_new_tokens=16).shape[1] == 12 + 1  # generate stops at EOS
-    generation = greedy_generate(model, prompt, 16)
+    generation = greedy_generate(model, prompt, 16, clock=one_second_per_pass(model))
     assert generation.tokens.tolist() == [[EOS] * 16]
-    assert generation.prefill_s > 0 and generation.decode_s > 0
+    assert (generation.prefill_s, generation.decode_s) == (1.0, 15.0)  # one prompt pass, then one pass per token
+
+
+def test_timed_generate_forces_exactly_new_tokens(tokenizer):
+    """generate with min_new_tokens = max_new_tokens runs new_tokens passes and never stops at EOS (it suppresses
+    EOS instead, so its tokens then differ from the greedy loop's, and the record says so)."""
+    model = favour_eos(tiny_model("llama-gqa"))
+    prompt = fixed_prompt(tokenizer, 12)
+    tokens, seconds = timed_generate(model, prompt, 16, clock=one_second_per_pass(model))
+    assert tokens.shape == (1, 16) and EOS not in tokens.tolist()[0]
+    assert seconds == 16.0
+    settings = LatencySettings(runs=3, warmup=1, prompt_tokens=4, new_tokens=3, prefill_tokens=8)
+    generate = measure({"candidate": model}, tokenizer, settings)["candidate"]["generate"]
+    assert generate["new_tokens"] == 3 and generate["same_tokens_as_loop"] is False
 
 
 def test_greedy_tokens_equal_generate(family, tokenizer):
@@ -56,7 +81,8 @@ def test_models_alternate_and_warmup_runs_are_discarded(tokenizer):
     """A fake clock advanced by each model's forward passes: 2 s (baseline) or 1 s (candidate) per pass, 50 s in
     the warmup runs; the statistics must see only the kept runs' exact times."""
     settings = LatencySettings(runs=5, warmup=2, prompt_tokens=4, new_tokens=3, prefill_tokens=8)
-    passes_per_run = 1 + (settings.new_tokens - 1) + 1  # prompt, decode steps, long prefill
+    loop_passes = 1 + (settings.new_tokens - 1)  # prompt, decode steps
+    passes_per_run = loop_passes + 1 + settings.new_tokens  # the loop, the long prefill, generate
     models = {"baseline": tiny_model("llama-gqa"), "candidate": tiny_model("llama-gqa", seed=1)}
     now, calls = [0.0], []
 
@@ -81,9 +107,13 @@ def test_models_alternate_and_warmup_runs_are_discarded(tokenizer):
         assert r["prefill_s"]["mean"] == seconds
         assert r["decode_ms_per_token"]["mean"] == 1000 * seconds
         assert r["prefill_tokens_per_s"] == {"prompt_tokens": 8, "mean": 8 / seconds, "std": 0.0}
+        assert r["raw"]["generate_s"] == [150.0] * 2 + [3 * seconds] * 3  # 3 passes: exactly new_tokens tokens
+        assert r["generate"] == {"end_to_end_s": {"mean": 3 * seconds, "std": 0.0}, "new_tokens": 3,
+                                 "same_tokens_as_loop": True}
         assert r["params"] == sum(p.numel() for p in models[name].parameters())
-    kept = [results[name]["raw"]["end_to_end_s"][settings.warmup:] for name in models]
-    assert speedup_stats(*kept) == {"mean": 2.0, "std": 0.0, "ratio_of_means": 2.0, "runs": 3}
+    for metric in ("end_to_end_s", "generate_s"):
+        kept = [results[name]["raw"][metric][settings.warmup:] for name in models]
+        assert speedup_stats(*kept) == {"mean": 2.0, "std": 0.0, "ratio_of_means": 2.0, "runs": 3}
 
 
 def test_speedup_statistics_on_known_numbers():
@@ -122,21 +152,29 @@ def test_bench_times_checkpoint_against_its_source(pruned_dir, tiny_dirs, tmp_pa
     assert baseline["memory"]["kv_cache_bytes"] * 5 == candidate["memory"]["kv_cache_bytes"] * 6  # 6 vs 5 layers
     assert baseline["memory"]["weight_bytes"] == 4 * baseline["params"]  # fp32
     for r in (baseline, candidate):
-        assert len(r["raw"]["end_to_end_s"]) == 3
-        assert r["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(r["raw"]["end_to_end_s"][1:]))
-        assert r["decode_ms_per_token"]["mean"] > 0 and r["prefill_tokens_per_s"]["mean"] > 0
-    kept = [r["raw"]["end_to_end_s"][1:] for r in (baseline, candidate)]
-    assert record["speedup"]["of"] == "end_to_end_s"
-    assert record["speedup"]["mean"] == pytest.approx(statistics.mean(b / c for b, c in zip(*kept)))
-    assert record["speedup"]["ratio_of_means"] == pytest.approx(statistics.mean(kept[0]) / statistics.mean(kept[1]))
-    assert record["decode_speedup"]["of"] == "decode_s"
+        raw = {metric: values[1:] for metric, values in r["raw"].items()}  # the kept runs
+        assert all(len(values) == 3 - 1 for values in raw.values())
+        assert r["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(raw["end_to_end_s"]))
+        decode_ms, prefill_rate = [1000 * s / 3 for s in raw["decode_s"]], [16 / s for s in raw["long_prefill_s"]]
+        assert r["decode_ms_per_token"]["mean"] == pytest.approx(statistics.mean(decode_ms))
+        assert r["prefill_tokens_per_s"]["mean"] == pytest.approx(statistics.mean(prefill_rate))
+        # generate timed too: exactly new_tokens tokens, the loop's tokens
+        assert r["generate"]["end_to_end_s"]["mean"] == pytest.approx(statistics.mean(raw["generate_s"]))
+        assert r["generate"]["new_tokens"] == 4 and r["generate"]["same_tokens_as_loop"] is True
+    for key, metric in [("speedup", "end_to_end_s"), ("decode_speedup", "decode_s"),
+                        ("generate_speedup", "generate_s")]:
+        kept = [r["raw"][metric][1:] for r in (baseline, candidate)]
+        assert record[key]["of"] == metric
+        assert record[key]["mean"] == pytest.approx(statistics.mean(b / c for b, c in zip(*kept)))
+        assert record[key]["ratio_of_means"] == pytest.approx(statistics.mean(kept[0]) / statistics.mean(kept[1]))
 
 
 def test_bench_dense_model_alone_and_explicit_baseline(pruned_dir, tiny_dirs, tmp_path):
     alone = tmp_path / "alone.json"
     assert main(["bench", str(tiny_dirs["llama-gqa"]), "--output", str(alone), *TINY_BENCH]) == 0
     record = json.loads(alone.read_text())
-    assert list(record["models"]) == ["candidate"] and record["speedup"] is None and record["decode_speedup"] is None
+    assert list(record["models"]) == ["candidate"]
+    assert record["speedup"] is None and record["decode_speedup"] is None and record["generate_speedup"] is None
 
     explicit = tmp_path / "explicit.json"
     other = tiny_dirs["mistral"]  # same hidden size and tokenizer, another model

@@ -1,19 +1,120 @@
-"""The `mop` command line."""
+"""The `mop` command line.
+
+Every user error ends the command with one line `mop: error: ...` on stderr and exit status 2, before any
+output is touched: numeric options are checked as argparse parses them (`OPTION_VALUES`), the rest by the
+commands' settings before a model loads. An unexpected error prints one line too (exit status 1); its traceback
+goes to the command's log file (see `mop.logs`), and to the terminal with `-v`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import tempfile
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-import transformers
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
+from mop import logs
 from mop.errors import MopError
+from mop.plugins import load_plugins
+from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
+
+log = logging.getLogger("mop.cli")  # not __name__: `python -m mop.cli` runs it as __main__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are MopErrors: one line, no usage block."""
+
+    def error(self, message: str):
+        raise MopError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------- option values
+
+
+def _checked(convert: Callable[[str], object], valid: Callable, expected: str) -> Callable[[str], object]:
+    """An argparse type: `convert(text)`, refused in one line unless it is `valid`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+at_least_two = _checked(int, lambda v: v >= 2, "an integer >= 2")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+ratio = _checked(float, lambda v: 0 < v < 1, "a ratio in (0, 1)")
+probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+rng_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+
+
+def device(text: str) -> str:
+    """An argparse type: auto, or a device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, auto or another torch device, "
+                                             f"not {text!r}") from None
+    return text
+
+
+# The values each numeric option accepts, by option name (the same in every command that has the option).
+# `build_parser` makes them the options' argparse types, so a value out of range fails as it is parsed, in one
+# line, before any model loads; every numeric option must have an entry (tests/test_cli_fuzz.py checks).
+OPTION_VALUES: dict[str, Callable[[str], object]] = {
+    "--device": device, "--seed": rng_seed, "--target": ratio,
+    # mop prune, mop run
+    "--calib-samples": positive_int, "--calib-max-length": positive_int, "--batch-size": positive_int,
+    "--path-samples": positive_int, "--path-max-length": positive_int, "--ppl-segment-length": at_least_two,
+    "--ppl-segments": positive_int, "--tune-steps": non_negative_int, "--tune-batch-size": positive_int,
+    "--tune-micro-batch-size": positive_int, "--tune-max-length": positive_int,
+    # mop finetune
+    "--epochs": positive_float, "--max-steps": positive_int, "--micro-batch-size": positive_int,
+    "--lr": positive_float, "--max-length": positive_int, "--rank": positive_int, "--alpha": positive_int,
+    "--dropout": probability, "--save-every": positive_int, "--kd-temperature": positive_float,
+    # mop eval
+    "--limit": positive_int,
+    # mop bench
+    "--runs": positive_int, "--warmup": non_negative_int, "--prompt-tokens": positive_int,
+    "--new-tokens": at_least_two, "--prefill-tokens": positive_int,
+    # mop run
+    "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
+    "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int,
+    "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
+    "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
+}
+
+
+def _apply_option_values(parser: argparse.ArgumentParser) -> None:
+    """Give every option named in OPTION_VALUES its checked type, in `parser` and its commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _apply_option_values(command)
+        for name in action.option_strings:
+            if name in OPTION_VALUES:
+                action.type = OPTION_VALUES[name]
+
+
+# ---------------------------------------------------------------- commands
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +124,27 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
+    """The full command line; the criteria and methods that plugins register must be loaded before."""
+    parser = Parser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
     for register in (register_prune, register_finetune, register_bench, register_eval, register_run,
                      register_compare):
         register(commands)
+    for command in commands.choices.values():
+        _add_common_options(command)
+    _apply_option_values(parser)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command, read before the parser is built (see `main`)."""
+    common = parser.add_argument_group("messages and plugins")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' messages and warnings on the terminal too (they always go to the "
+                             "log file), and the traceback of an unexpected error")
+    common.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, so the criteria or pruning methods it registers can be named "
+                             "(repeatable); installed `mop.plugins` entry points are always imported")
 
 
 def register_prune(commands) -> None:
@@ -91,7 +207,21 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
 
     if config.method not in PRUNING_METHODS:
         raise MopError(f"unknown pruning method {config.method}; choose one of {', '.join(PRUNING_METHODS)}")
+    _check_data(config.calib, config.path_data, config.tune_data)
     return config
+
+
+def _check_data(*specs: str) -> None:
+    """Fail before a model loads on a data option that names neither a file nor a known data set."""
+    from mop import data
+
+    for spec in specs:
+        data.source(spec)
+
+
+def _training_data(config) -> str:
+    """The data a FinetuneConfig trains on."""
+    return config.data if config.method == "sft" else config.kd_data
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -144,7 +274,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
                             kd_data=args.kd_data, kd_temperature=args.kd_temperature)
     config.validate()  # before the model loads
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved state would break the bar
+    _check_data(_training_data(config))
     record = finetune(args.model, args.out, config, args.device, args.dtype)
     if PartialState().is_main_process:
         losses = record["losses"]
@@ -282,9 +412,9 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
 
 def _seed_list(spec: str) -> list[int]:
     try:
-        return [int(seed) for seed in spec.split(",") if seed.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {spec!r}") from None
+        return [rng_seed(text) for text in spec.split(",") if text.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in [0, 2**32), not {spec!r}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -305,6 +435,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def _pipeline_config(args: argparse.Namespace):
     from mop.latency import LatencySettings
+    from mop.models.loading import resolve_model_dir
     from mop.pipeline import PipelineConfig
     from mop.training import FinetuneConfig, LoraSettings
 
@@ -322,6 +453,9 @@ def _pipeline_config(args: argparse.Namespace):
         latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
         device=args.device, dtype=args.dtype)
     config.validate()
+    if recovery is not None:
+        _check_data(_training_data(recovery))
+    resolve_model_dir(args.model)  # a mistyped model fails before OUT is claimed
     return config
 
 
@@ -339,16 +473,61 @@ def print_summary(state) -> None:
                       f"{reached['compression']:.2%} compression (iteration {reached['iteration']})")
 
 
+def log_file(args: argparse.Namespace) -> Path | None:
+    """Where the command's log goes: beside `--output` (F.json → F.log) for eval and bench; OUT/mop.log for prune,
+    finetune and run, or OUT.log beside it while OUT is not a directory with something in it (a log alone in OUT
+    would make a rerun find OUT in use)."""
+    if (output := getattr(args, "output", None)) is not None:
+        return output.with_name(output.name + ".log" if output.suffix == ".log" else output.stem + ".log")
+    if (out := getattr(args, "out", None)) is not None:
+        return out / "mop.log" if out.is_dir() and any(out.iterdir()) else out.with_name(out.name + ".log")
+    return None
+
+
+def _early_options(argv: list[str]) -> argparse.Namespace:
+    """-v and --plugin, wherever they are in `argv`: they decide the logging and the choices of the full parser."""
+    early = Parser(prog="mop", add_help=False)
+    _add_common_options(early)
+    return early.parse_known_args(argv)[0]
+
+
+def _unexpected(error: BaseException, path: Path, verbose: bool) -> int:
+    """One line for an error that is not the user's (its traceback is in the log at `path`); the exit status."""
+    if verbose:
+        traceback.print_exc()
+    if isinstance(error, KeyboardInterrupt):
+        print(f"mop: interrupted (log: {path})", file=sys.stderr)
+        return 130
+    lines = str(error).strip().splitlines()
+    message = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    print(f"mop: error: {message} (unexpected; the traceback is in {path})", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; ours show the work that takes time
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit status: 0 done, 2 a user error, 1 an unexpected error, 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args.handler(args)
+        early = _early_options(argv)
     except MopError as error:
         print(f"mop: error: {error}", file=sys.stderr)
         return 2
+    args = None
+    with logs.routed(early.verbose) as records:
+        try:
+            if plugins := load_plugins(early.plugin):
+                log.info("plugins: %s", ", ".join(plugins))
+            args = build_parser().parse_args(argv)
+            args.handler(args)
+        except MopError as error:  # the output is left as it was: no log file either
+            print(f"mop: error: {error}", file=sys.stderr)
+            return 2
+        except (Exception, KeyboardInterrupt) as error:
+            path = (args is not None and log_file(args)) or Path(tempfile.gettempdir()) / f"mop-{os.getpid()}.log"
+            records.write(path, argv, traceback.format_exc())
+            return _unexpected(error, path, early.verbose)
+        if (path := log_file(args)) is not None:
+            records.write(path, argv)
     return 0
 
 

@@ -1,6 +1,11 @@
 """The paper's latency protocol (SPEC §4, paper §4.3): batch 1, a 12-token prompt, exactly 128 greedy tokens with
 the KV cache, 20 runs per model with the models alternating, the first 10 runs discarded, mean and std of the rest;
-speedup = baseline time / candidate time, measured in the same process."""
+speedup = baseline time / candidate time, measured in the same process.
+
+The tokens come from our own greedy loop, not from `generate`: it times prefill and decode apart, and it runs
+exactly the forward passes that pruning can make faster (no logits processors or stopping criteria, EOS an
+ordinary token), while choosing the same tokens as greedy `generate`. Every run also times `model.generate`
+(greedy, exactly new_tokens tokens), the number a user of `generate` sees, so the record has both."""
 
 from __future__ import annotations
 
@@ -40,7 +45,12 @@ PROTOCOL = (
     "one forward pass over a prefill_tokens-long prompt; each run times every model once, in the given order on even "
     "runs and reversed on odd runs; the first warmup runs of each model are discarded; mean and sample std "
     "(n - 1) over the kept runs; speedup is baseline / candidate end-to-end time per run (same run index), "
-    "mean and std over the kept runs, and ratio_of_means = mean baseline time / mean candidate time"
+    "mean and std over the kept runs, and ratio_of_means = mean baseline time / mean candidate time; each run "
+    "also times model.generate on the same prompt (greedy, min_new_tokens = max_new_tokens = new_tokens, its "
+    "default DynamicCache and the model's generation config), after the greedy loop and the prefill pass: "
+    "generate.end_to_end_s, compared in generate_speedup; generate.same_tokens_as_loop says whether its tokens "
+    "equal the loop's in every run (they differ only where min_new_tokens suppresses an EOS the loop chose, or "
+    "the generation config adds logits processors)"
 )
 
 Clock = Callable[[], float]
@@ -79,6 +89,9 @@ class Run:
     long_prefill_s: float  # one forward pass over the prefill_tokens-long prompt
     kv_cache_bytes: int
     cuda_peak_bytes: int | None  # peak CUDA memory allocated during the run above what was allocated before it
+    generate_s: float  # model.generate of the same tokens, end to end
+    generate_new_tokens: int  # how many tokens generate added
+    generate_same_tokens: bool  # generate's tokens equal the greedy loop's
 
     @property
     def end_to_end_s(self) -> float:
@@ -131,6 +144,18 @@ def timed_prefill(model: nn.Module, prompt_ids: torch.Tensor, clock: Clock = tim
     return _synced(clock, logits) - started
 
 
+@torch.inference_mode()
+def timed_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter
+                   ) -> tuple[torch.Tensor, float]:
+    """`model.generate` after `prompt_ids` ([1, prompt_len]), greedy and forced to exactly `new_tokens` tokens:
+    the new tokens [1, new_tokens] and the seconds it took."""
+    started = _synced(clock, prompt_ids)
+    output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False, num_beams=1,
+                            min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    finished = _synced(clock, output)
+    return output[:, prompt_ids.shape[1]:], finished - started
+
+
 def _cuda_allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -141,10 +166,13 @@ def timed_run(model: nn.Module, prompt: torch.Tensor, long_prompt: torch.Tensor,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = _cuda_allocated(device)
-    generation = greedy_generate(model, prompt.to(device), settings.new_tokens, clock)
+    prompt = prompt.to(device)
+    generation = greedy_generate(model, prompt, settings.new_tokens, clock)
     long_prefill_s = timed_prefill(model, long_prompt.to(device), clock)
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
-    return Run(generation.prefill_s, generation.decode_s, long_prefill_s, generation.kv_cache_bytes, peak)
+    generated, generate_s = timed_generate(model, prompt, settings.new_tokens, clock)
+    return Run(generation.prefill_s, generation.decode_s, long_prefill_s, generation.kv_cache_bytes, peak,
+               generate_s, generated.shape[1], torch.equal(generated, generation.tokens))
 
 
 def run_order(names: list[str], run: int) -> list[str]:
@@ -174,9 +202,13 @@ def summarize(model: nn.Module, runs: list[Run], settings: LatencySettings) -> d
         "decode_ms_per_token": mean_std([1000 * r.decode_s / (settings.new_tokens - 1) for r in kept]),
         "prefill_tokens_per_s": {"prompt_tokens": settings.prefill_tokens,
                                  **mean_std([settings.prefill_tokens / r.long_prefill_s for r in kept])},
+        "generate": {"end_to_end_s": mean_std([r.generate_s for r in kept]),
+                     "new_tokens": kept[-1].generate_new_tokens,
+                     "same_tokens_as_loop": all(r.generate_same_tokens for r in runs)},
         "memory": memory,
         "raw": {"end_to_end_s": [r.end_to_end_s for r in runs], "prefill_s": [r.prefill_s for r in runs],
-                "decode_s": [r.decode_s for r in runs], "long_prefill_s": [r.long_prefill_s for r in runs]},
+                "decode_s": [r.decode_s for r in runs], "long_prefill_s": [r.long_prefill_s for r in runs],
+                "generate_s": [r.generate_s for r in runs]},
     }
 
 
@@ -267,6 +299,7 @@ def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: La
         "models": results,
         "speedup": compare("end_to_end_s"),
         "decode_speedup": compare("decode_s"),
+        "generate_speedup": compare("generate_s"),
         # process-wide (every model loaded in this process, and everything else it holds): an upper bound only
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "versions": versions(),
@@ -290,6 +323,8 @@ def summary_table(record: dict) -> Table:
     row(f"end-to-end s ({settings['new_tokens']} tokens)",
         lambda r: f"{r['end_to_end_s']['mean']:.3f} ± {r['end_to_end_s']['std']:.3f}")
     row("decode ms/token", lambda r: f"{r['decode_ms_per_token']['mean']:.2f} ± {r['decode_ms_per_token']['std']:.2f}")
+    row(f"generate() s ({settings['new_tokens']} tokens)",
+        lambda r: f"{r['generate']['end_to_end_s']['mean']:.3f} ± {r['generate']['end_to_end_s']['std']:.3f}")
     row(f"prefill ms ({settings['prompt_tokens']} tokens)",
         lambda r: f"{1000 * r['prefill_s']['mean']:.1f} ± {1000 * r['prefill_s']['std']:.1f}")
     row(f"prefill tokens/s ({settings['prefill_tokens']} tokens)",
@@ -300,5 +335,6 @@ def summary_table(record: dict) -> Table:
         row("CUDA peak MiB", lambda r: f"{r['memory']['cuda_peak_allocated_bytes'] / mebibytes:.1f}")
     table.caption = "; ".join(
         f"{label} speedup {s['mean']:.3f} ± {s['std']:.3f} (ratio of means {s['ratio_of_means']:.3f})"
-        for label, s in (("end-to-end", record["speedup"]), ("decode", record["decode_speedup"])) if s is not None)
+        for label, s in (("end-to-end", record["speedup"]), ("decode", record["decode_speedup"]),
+                         ("generate()", record["generate_speedup"])) if s is not None)
     return table
