@@ -188,3 +188,24 @@ def test_missing_interpreter_is_reported(monkeypatch, tmp_path):
     assert python is None and "MOP_VLLM_PYTHON" in why and "scripts/install-vllm.sh" in why
     with pytest.raises(FileNotFoundError):
         check([tmp_path])
+
+
+def test_mop_check_command(checkpoints, capsys, tmp_path, tokenizer):
+    """`mop check` passes a servable checkpoint (exit 0, its verdict and a JSON record) and refuses one whose
+    head_dim vLLM cannot serve in one line (exit 2)."""
+    record = tmp_path / "check.json"
+    assert mop(["check", str(checkpoints[sorted(checkpoints)[0]]), "--max-new-tokens", "4", "--json", str(record)]) == 0
+    assert capsys.readouterr().out.startswith("ok")
+    assert json.loads(record.read_text())[0]["ok"] is True
+    unservable = tmp_path / "head-dim-16"
+    tiny_model("llama-gqa").save_pretrained(unservable)
+    tokenizer.save_pretrained(unservable)
+    assert mop(["check", str(unservable), "--max-new-tokens", "4"]) == 2
+    assert "1 of 1 checkpoints do not decode as in transformers" in capsys.readouterr().err
+
+
+def test_mop_check_without_vllm_is_one_line(monkeypatch, tmp_path, capsys, tiny_dirs):
+    monkeypatch.setenv("MOP_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    assert mop(["check", str(tiny_dirs["mistral"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mop: error: vLLM not found") and len(err.strip().splitlines()) == 1

@@ -100,6 +100,8 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
+    # mop check
+    "--max-new-tokens": positive_int, "--top-logprobs": positive_int, "--atol": positive_float,
 }
 
 
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
     for register in (register_prune, register_finetune, register_bench, register_eval, register_run,
-                     register_compare):
+                     register_compare, register_check):
         register(commands)
     for command in commands.choices.values():
         _add_common_options(command)
@@ -332,6 +334,41 @@ def _write_record(output: Path, record: dict, table: Table) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, record)
     Console().print(table)
+
+
+def register_check(commands) -> None:
+    check = commands.add_parser("check", help="serve checkpoints in vLLM and compare its greedy decoding with "
+                                              "transformers' in float32 (needs a vLLM environment)")
+    check.add_argument("models", nargs="+", type=Path, help="checkpoint directories")
+    check.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per prompt")
+    check.add_argument("--top-logprobs", type=int, default=5, help="vLLM's top tokens compared at each step")
+    check.add_argument("--atol", type=float, default=1e-3, help="largest log-probability difference allowed")
+    check.add_argument("--json", type=Path, help="write every result here")
+    check.set_defaults(handler=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    """`mop check`: the vLLM serving check of `mop.serving.vllm_check` on a user's checkpoints."""
+    import json
+    from dataclasses import asdict
+
+    from mop.serving.vllm_check import check, find_vllm_python, summary
+
+    for model in args.models:
+        if not (model / "config.json").is_file():
+            raise MopError(f"{model} is not a checkpoint directory: it has no config.json")
+    python, why = find_vllm_python()
+    if python is None:
+        raise MopError(f"vLLM not found: {why}")
+    results = check(args.models, max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs,
+                    atol=args.atol, python=python)
+    for result in results:
+        print(summary(result))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    failed = [r.model for r in results if not r.ok]
+    if failed:
+        raise MopError(f"{len(failed)} of {len(results)} checkpoints do not decode as in transformers: {', '.join(failed)}")
 
 
 def register_bench(commands) -> None:

@@ -1,6 +1,6 @@
 """Does a checkpoint serve in vLLM exactly as it runs in transformers?
 
-    python -m mop.serving.vllm_check CKPT [CKPT ...] [--max-new-tokens 16] [--json OUT.json]
+    mop check CKPT [CKPT ...] [--max-new-tokens 16] [--json OUT.json]
 
 For each checkpoint: the same prompts (token ids from the checkpoint's own tokenizer) are decoded greedily in
 float32 by transformers, here, and by vLLM, in vLLM's own virtual environment (vLLM pins its own torch and
@@ -9,7 +9,7 @@ greedy token ids are equal and vLLM's top-K log-probabilities match transformers
 
 The interpreter is `$MOP_VLLM_PYTHON`, else `$MOP_CACHE_DIR/venv-vllm/bin/python` (`~/.cache/mop/...` when
 MOP_CACHE_DIR is unset), which `scripts/install-vllm.sh` installs. When neither exists the check reports
-"vLLM not found" (exit status 2) instead of passing.
+"vLLM not found" (`mop check` exits with status 2) instead of passing.
 
 A Qwen2 checkpoint whose heads were pruned needs an override: vLLM's `Qwen2ForCausalLM` (0.32) derives
 head_dim from hidden_size / num_attention_heads and ignores the config's `head_dim`, so it cannot load it. A
@@ -20,14 +20,12 @@ would: `vllm serve CKPT --hf-overrides '{"architectures": ["LlamaForCausalLM"], 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -223,7 +221,7 @@ def check(models: list[str | Path], prompts=DEFAULT_PROMPTS, max_new_tokens: int
     return results
 
 
-def _summary(result: CheckResult) -> str:
+def summary(result: CheckResult) -> str:
     if result.error:
         return f"FAIL  {result.model}\n      {result.error.splitlines()[0]}"
     verdict = "ok   " if result.ok else "FAIL "
@@ -234,28 +232,3 @@ def _summary(result: CheckResult) -> str:
     return (f"{verdict} {result.model}\n      greedy tokens {tokens}; max |Δ logprob| {result.max_logprob_diff:.1e}; "
             f"vLLM load {result.vllm_load_s:.1f} s, generate {result.vllm_generate_s:.1f} s, "
             f"peak {result.vllm_maxrss_mb:.0f} MB{extra}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mop.serving.vllm_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", help="checkpoint directories")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--top-logprobs", type=int, default=5, help="vLLM's top tokens compared at each step")
-    parser.add_argument("--atol", type=float, default=1e-3, help="largest log-probability difference allowed")
-    parser.add_argument("--json", type=Path, help="write every result here")
-    args = parser.parse_args(argv)
-    python, why = find_vllm_python()
-    if python is None:
-        print(f"vLLM not found: {why}", file=sys.stderr)
-        return 2
-    results = check(args.models, max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs,
-                    atol=args.atol, python=python)
-    for result in results:
-        print(_summary(result))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0 if all(r.ok for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
