@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mop.data import Batch
 from mop.models import DecoderAdapter, LayerShape, count_params, input_device
@@ -62,7 +63,7 @@ def loss_gradients(model: nn.Module, adapter: DecoderAdapter, batches: list[Batc
     device = input_device(model)
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in parameters]
     with gradients_for(model, parameters), torch.enable_grad():
-        for batch in batches:
+        for batch in tqdm(batches, desc="LLM-Pruner gradients", unit="batch"):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             hidden = adapter.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             predicts = mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
@@ -153,7 +154,8 @@ class LLMPruner(OneShotPruner):
             return [logged]
         started = time.perf_counter()
         adapter = self.loaded.adapter
-        plan = uniform_plan(adapter.shape(model), len(adapter.layers(model)), round(target * self.original_params))
+        budget = round(self.original_params - self.goal(target))
+        plan = uniform_plan(adapter.shape(model), len(adapter.layers(model)), budget)
         unit_scores = [UnitScores(torch.tensor(g, dtype=torch.float64), torch.tensor(n, dtype=torch.float64))
                        for g, n in zip(scores["groups"], scores["neurons"], strict=True)]
         groups, neurons = lowest_units(unit_scores, plan)

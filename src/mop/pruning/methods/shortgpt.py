@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mop.data import Batch
 from mop.models import DecoderAdapter, count_params, input_device, layer_params
@@ -45,7 +46,7 @@ def block_influences(model: nn.Module, adapter: DecoderAdapter, batches: list[Ba
     tokens = 0
     device = input_device(model)
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="ShortGPT block influence", unit="batch"):
             real["mask"] = batch.attention_mask.bool()
             model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                   logits_to_keep=1, use_cache=False)
