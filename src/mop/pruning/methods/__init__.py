@@ -13,6 +13,8 @@ from pathlib import Path
 
 from mop.errors import MopError
 from mop.models import LoadedModel
+from mop.pruning.methods.llm_pruner import LLMPruner
+from mop.pruning.methods.shortgpt import ShortGPT
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.state import RunState
 
@@ -32,6 +34,18 @@ def pruning_method(name: str):
 def mixture_of_pruners(loaded: LoadedModel, config: SearchConfig, out: Path) -> RunState:
     """The MoP search (Algorithm 1) in `config.mode`: the mixture, or its depth-only / width-only extremes."""
     return Search(loaded, config, out).run()
+
+
+@pruning_method("shortgpt")
+def short_gpt(loaded: LoadedModel, config: SearchConfig, out: Path) -> RunState:
+    """ShortGPT (Men et al. 2024): one-shot removal of the layers with the lowest block influence."""
+    return ShortGPT(loaded, config, out).run()
+
+
+@pruning_method("llm-pruner")
+def llm_pruner(loaded: LoadedModel, config: SearchConfig, out: Path) -> RunState:
+    """LLM-Pruner (Ma et al. 2023): KV groups and neurons by first-order Taylor importance, uniform widths."""
+    return LLMPruner(loaded, config, out).run()
 
 
 def prune(loaded: LoadedModel, config: SearchConfig, out: Path) -> RunState:

@@ -1,0 +1,125 @@
+"""What the peer methods share: a one-shot run. Importance scores are computed once, on the original model, and
+kept in `OUT/run.json`; each target's checkpoint is then cut from a structural copy of the original by a plan
+that depends on those scores and the target only. A rerun of a finished run writes nothing; an interrupted or
+extended run (a target added) reads the scores back instead of recomputing them, so its checkpoints are
+bitwise those of an uninterrupted run. An `--out` holding another run is refused untouched (`RunState.check`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch.nn as nn
+
+from mop import data
+from mop.models import LoadedModel, count_params, embedding_params, save_checkpoint
+from mop.errors import MopError
+from mop.provenance import versions
+from mop.pruning.search import DATA_SEED, SearchConfig, target_name
+from mop.pruning.state import RunState
+from mop.pruning.surgery import structural_copy
+
+log = logging.getLogger(__name__)
+
+
+def calibration_batches(loaded: LoadedModel, config: SearchConfig) -> list[data.Batch]:
+    """The run's calibration prompts, drawn as the search draws them: `config.calib_samples` of
+    `config.calib`'s texts with the fixed DATA_SEED (whatever the run's seed), truncated to
+    `config.calib_max_length` tokens, `config.batch_size` a batch; texts sampled from the model if no data
+    can be read."""
+    try:
+        texts = data.load_calibration(config.calib)
+    except data.DataUnavailable as error:
+        log.warning("%s", error)
+        texts = data.sample_texts_from_model(loaded.model, loaded.tokenizer, config.calib_samples,
+                                             config.calib_max_length, DATA_SEED)
+    texts = data.sample(texts, config.calib_samples, DATA_SEED)
+    return data.text_batches(loaded.tokenizer, texts, config.calib_max_length, config.batch_size)
+
+
+class OneShotPruner(ABC):
+    """One peer run of `config.method` on `loaded` into `out`.
+
+    A subclass says which settings decide its result (`settings`), how far it can prune (`most_compression`),
+    how it scores the original model (`score`, JSON-able) and how it cuts a copy of it to a target (`cut`).
+    """
+
+    def __init__(self, loaded: LoadedModel, config: SearchConfig, out: Path):
+        config.validate()
+        self.loaded, self.config, self.out = loaded, config, out
+        self.original_params = count_params(loaded.model)
+        self.original_embedding_params = embedding_params(loaded.model)
+        most = self.most_compression()
+        for target in config.targets:
+            if target > most:
+                raise MopError(f"target {target} cannot be reached by {config.method}: at most {most:.3f}")
+        self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(loaded.model.dtype),
+                         "method": config.method, "seed": config.seed, **self.settings()}
+        self.saved = RunState.check(out, self.identity)  # before any long work
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """The `SearchConfig` fields this method reads (they and the model decide the result)."""
+
+    @abstractmethod
+    def most_compression(self) -> float:
+        """The highest compression (of all parameters) the method can reach on this model."""
+
+    @abstractmethod
+    def score(self) -> dict:
+        """Importance scores of the original model, JSON-able (floats round-trip exactly through run.json)."""
+
+    @abstractmethod
+    def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
+        """Prune `model`, a structural copy of the original, to `target`; append to `state.iterations` the
+        records this target needs that the log lacks, and return the records that lead to this model."""
+
+    def goal(self, target: float) -> float:
+        """Parameters a checkpoint at `target` may keep at most: (1 − target) · P0."""
+        return (1 - target) * self.original_params
+
+    def run(self) -> RunState:
+        pending = [t for t in sorted(self.config.targets)
+                   if not (self.saved and target_name(t) in self.saved["targets"]
+                           and (self.out / target_name(t) / "mop.json").is_file())]
+        if self.saved and not pending:
+            return RunState.open(self.out, self.identity, self.saved["header"])
+        if self.saved:
+            header = self.saved["header"]
+        else:
+            started = time.perf_counter()
+            scores = self.score()
+            header = {"source": {"name": self.loaded.name, "sha256": self.loaded.weights_sha256,
+                                 "architecture": type(self.loaded.model).__name__},
+                      "original_params": self.original_params,
+                      "original_embedding_params": self.original_embedding_params, "versions": versions(),
+                      "scoring_seconds": round(time.perf_counter() - started, 3), "scores": scores}
+        state = RunState.open(self.out, self.identity, header)
+        state.save()  # the scores first: a checkpoint never sits in OUT without the run.json that explains it
+        for target in pending:
+            model = structural_copy(self.loaded.model)  # shares every tensor; pruning builds new ones
+            records = self.cut(model, header["scores"], target, state)
+            name = target_name(target)
+            save_checkpoint(self.loaded, model, self.out / name, self.provenance(state, model, target, records))
+            params = count_params(model)
+            state.targets[name] = {"target": target, "iteration": records[-1]["iteration"] if records else 0,
+                                   "params": params, "compression": 1 - params / self.original_params}
+            state.save()
+        return state
+
+    def provenance(self, state: RunState, model: nn.Module, target: float, records: list[dict]) -> dict:
+        """mop.json: the run's header (without the scores), the method and its settings, the sizes reached and
+        the records that lead to this checkpoint (without the removed indices, which run.json holds)."""
+        params, embedded = count_params(model), self.original_embedding_params
+        records = [{k: v for k, v in r.items() if k != "removed"} for r in records]
+        return {
+            **{k: v for k, v in state.header.items() if k != "scores"},
+            "method": self.config.method, "target": target, "settings": self.settings(), "seed": self.config.seed,
+            "path": "".join(r["choice"] for r in records), "params": params,
+            "compression": 1 - params / self.original_params,
+            "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
+            "iterations": records,
+        }
