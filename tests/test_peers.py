@@ -298,3 +298,22 @@ def test_cli_prunes_with_shortgpt(tiny_dirs, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out / "target-30")
     assert count_params(reloaded) == record["params"] and 0.3 <= record["compression"]
     assert json.loads((out / "run.json").read_text())["targets"]["target-30"]["params"] == record["params"]
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "llm-pruner"])
+def test_body_targets_count_non_embedding_parameters(tiny_dirs, tmp_path, method):
+    """With compression_of="body" the target is a share of the non-embedding parameters: reached, and for
+    ShortGPT by the first layer count that reaches it."""
+    loaded = load_model(str(tiny_dirs["llama-mha"]))
+    original, embedded = count_params(loaded.model), embedding_params(loaded.model)
+    prune(tiny_dirs["llama-mha"], tmp_path, method, [0.3], compression_of="body")
+    record = json.loads((tmp_path / "target-30" / "mop.json").read_text())
+    body = 1 - (record["params"] - embedded) / (original - embedded)
+    assert record["compression_of"] == "body" and record["non_embedding_compression"] == pytest.approx(body)
+    if method == "shortgpt":
+        layer = layer_params(loaded.adapter.layers(loaded.model)[0]) / (original - embedded)
+        assert 0.3 <= body < 0.3 + layer and record["compression"] < 0.3  # the same run short of 30% of all
+    else:
+        neuron_row = loaded.adapter.shape(loaded.model).neuron_params * len(loaded.adapter.layers(loaded.model))
+        neuron_row /= original - embedded
+        assert abs(body - 0.3) < neuron_row

@@ -53,11 +53,14 @@ class OneShotPruner(ABC):
         self.original_params = count_params(loaded.model)
         self.original_embedding_params = embedding_params(loaded.model)
         most = self.most_compression()
+        if config.compression_of == "body":  # the same parameters removed, as a share of the body
+            most *= self.original_params / (self.original_params - self.original_embedding_params)
         for target in config.targets:
             if target > most:
                 raise MopError(f"target {target} cannot be reached by {config.method}: at most {most:.3f}")
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(loaded.model.dtype),
-                         "method": config.method, "seed": config.seed, **self.settings()}
+                         "method": config.method, "seed": config.seed, "compression_of": config.compression_of,
+                         **self.settings()}
         self.saved = RunState.check(out, self.identity)  # before any long work
 
     @abstractmethod
@@ -78,7 +81,11 @@ class OneShotPruner(ABC):
         records this target needs that the log lacks, and return the records that lead to this model."""
 
     def goal(self, target: float) -> float:
-        """Parameters a checkpoint at `target` may keep at most: (1 − target) · P0."""
+        """Parameters a checkpoint at `target` may keep at most: (1 − target) · P0, or with
+        `compression_of="body"` the embeddings E plus (1 − target) · (P0 − E)."""
+        if self.config.compression_of == "body":
+            embedded = self.original_embedding_params
+            return embedded + (1 - target) * (self.original_params - embedded)
         return (1 - target) * self.original_params
 
     def run(self) -> RunState:
@@ -117,7 +124,8 @@ class OneShotPruner(ABC):
         records = [{k: v for k, v in r.items() if k != "removed"} for r in records]
         return {
             **{k: v for k, v in state.header.items() if k != "scores"},
-            "method": self.config.method, "target": target, "settings": self.settings(), "seed": self.config.seed,
+            "method": self.config.method, "target": target, "compression_of": self.config.compression_of,
+            "settings": self.settings(), "seed": self.config.seed,
             "path": "".join(r["choice"] for r in records), "params": params,
             "compression": 1 - params / self.original_params,
             "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
