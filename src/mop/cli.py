@@ -497,7 +497,7 @@ def _pipeline_config(args: argparse.Namespace):
 
 
 def print_summary(state) -> None:
-    table = Table(title=f"MoP path {''.join(r['choice'] for r in state.iterations)}")
+    table = Table(title=f"{state.identity.get('method', 'mop')} path {''.join(r['choice'] for r in state.iterations)}")
     for column in ("iteration", "choice", "decided by", "layer", "parameters", "compression", "seconds"):
         table.add_column(column, justify="right")
     for r in state.iterations:
