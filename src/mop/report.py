@@ -321,7 +321,9 @@ def plot_comparison(results: dict, y: str, x: str, x_label: str, x_scale: float,
     """One line per method (mean over seeds per target) of `y` ('average' or 'perplexity') against `x`."""
     figure, axes = plt.subplots(figsize=(7, 4.5))
     dense = results["dense"]
-    value = (lambda r: 100 * r["average"]) if y == "average" else (lambda r: r["perplexity"])
+    def value(row: dict) -> float | None:
+        return row["perplexity"] if y == "perplexity" else None if row["average"] is None else 100 * row["average"]
+
     if dense.get(x) is not None and value(dense) is not None:
         axes.scatter([dense[x] * x_scale], [value(dense)], marker="*", s=160, color="black", label="dense", zorder=3)
     for label, method in results["methods"].items():
