@@ -276,7 +276,7 @@ def test_cli_writes_the_record(tiny_dirs, tmp_path, capsys):
     assert record["average"] == record["tasks"]["arc_challenge"]["acc_norm"]
     assert record["tasks"]["wikitext"]["segments"] == 2 and record["limit"] == 2
     assert "arc_challenge" in capsys.readouterr().out
-    assert sorted(p.name for p in out.parent.iterdir()) == ["result.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.json", "result.log"]  # the record, its log
 
 
 # ---------------------------------------------------------------- bad input

@@ -92,8 +92,9 @@ class OneShotPruner(ABC):
         pending = [t for t in sorted(self.config.targets)
                    if not (self.saved and target_name(t) in self.saved["targets"]
                            and (self.out / target_name(t) / "mop.json").is_file())]
-        if self.saved and not pending:
-            return RunState.open(self.out, self.identity, self.saved["header"])
+        if self.saved and not pending:  # finished: nothing is written, run.json included
+            saved = self.saved
+            return RunState(self.out, self.identity, saved["header"], saved["iterations"], saved["targets"])
         if self.saved:
             header = self.saved["header"]
         else:
