@@ -34,7 +34,11 @@ TINY = {
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    config = TINY[family]()
+    return random_model(TINY[family](), seed)
+
+
+def random_model(config, seed: int = 0) -> torch.nn.Module:
+    """A random model of `config` with the tiny tokenizer's vocabulary and special ids, biases drawn too."""
     config.vocab_size = VOCAB
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 2, 1, 2
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import json
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from conftest import VOCAB
+from conftest import VOCAB, random_model
 from mop.models import count_params, load_model
 from mop.models.adapters import LayerShape
 from mop.pruning.search import Search, SearchConfig
@@ -19,15 +19,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def save_tiny(config, tokenizer, directory):
-    config.vocab_size = VOCAB
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 2, 1, 2
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-    model.save_pretrained(directory)
+    random_model(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

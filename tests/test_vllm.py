@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from mop.cli import main as mop
 from mop.serving.vllm_check import check, compare, find_vllm_python, serving_overrides
 
-from conftest import VOCAB, tiny_model
+from conftest import random_model, tiny_model
 
 FAMILIES = {
     # MHA, 6 heads on d=192: losing one head leaves 5, which does not divide 192 (exported as Mistral)
@@ -52,16 +52,8 @@ CASES = {
 
 def tiny_family(family: str) -> torch.nn.Module:
     config = FAMILIES[family]()
-    config.vocab_size = VOCAB
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = 2, 1, 2
     config.initializer_range = 0.15
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return model.eval()
+    return random_model(config)
 
 
 @pytest.fixture(scope="module")
