@@ -56,7 +56,8 @@ def small_files(root: Path):
         if not path.is_file() or ".partial" in str(path) or ".finetune-state" in str(path):
             continue
         relative = path.relative_to(root)
-        if relative.parts[-1] in ("compare.json", "pipeline.json") or relative.parts[-2:-1] in (("eval",), ("bench",)):
+        if relative.parts[-1] in ("compare.json", "pipeline.json") or relative.parts[-2:-1] in (("eval",), ("bench",)) \
+                or relative.parts == ("dense", "eval.json"):
             yield relative
         elif relative.name == "mop.json" and len(relative.parts) >= 3 and relative.parts[-3] == "recovered":
             yield relative  # kept only once the evaluation of that checkpoint is in (see `sync`)
