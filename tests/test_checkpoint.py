@@ -50,12 +50,14 @@ def test_save_reload_logits_and_generate(tiny_dirs, family, mode, tmp_path):
     path = "".join(r["choice"] for r in state.iterations)
     assert provenance["path"] == path and set(path) <= {"mop": {"W", "D"}, "depth": {"D"}, "width": {"W"}}[mode]
     assert provenance["params"] == count_params(reloaded)
-    assert provenance["compression"] >= 0.3
+    assert provenance["compression"] == 1 - count_params(reloaded) / provenance["original_params"]
     assert provenance["source"]["sha256"] == loaded.weights_sha256
     assert len(provenance["iterations"]) == len(state.iterations)
-    for record in state.iterations:
+    layers = AutoConfig.from_pretrained(tiny_dirs[family]).num_hidden_layers
+    for record in state.iterations:  # a width plan removes p_l within one neuron per layer of the model it prunes
         plan = record["width_plan"]
-        assert abs(plan["achieved"] - plan["planned"]) < 3 * 96 * 6  # within one neuron per layer
+        assert abs(plan["achieved"] - plan["planned"]) < loaded.adapter.shape(loaded.model).neuron_params * layers
+        layers -= record["choice"] == "D"
 
 
 def test_head_count_that_does_not_divide_hidden_size_loads_as_mistral(tiny_dirs, tmp_path):
@@ -86,7 +88,9 @@ def test_several_targets_from_one_search(tiny_dirs, tmp_path):
 def test_scored_path_criterion_keeps_pre_tuning_weights(tiny_dirs, tmp_path):
     """With kl, both candidates are LoRA-tuned and scored; the winner continues with its untuned weights."""
     loaded, search, state = run_search(tiny_dirs["llama-gqa"], tmp_path, targets=[0.2], path_criterion="kl")
-    assert all(r["decided_by"] == "kl" and r["scores"]["W"] >= 0 and r["scores"]["D"] >= 0 for r in state.iterations)
+    # a candidate is never F itself: both KL scores are positive, and the two candidates differ
+    assert all(r["decided_by"] == "kl" and r["scores"]["W"] > 0 and r["scores"]["D"] > 0
+               and r["scores"]["W"] != r["scores"]["D"] for r in state.iterations)
     assert all(r["choice"] == ("W" if r["scores"]["W"] <= r["scores"]["D"] else "D") for r in state.iterations)
     replayed = load_model(str(tiny_dirs["llama-gqa"]))
     fresh = Search(replayed, SearchConfig(targets=[0.2], path_criterion="kl", **SMALL), tmp_path / "other")

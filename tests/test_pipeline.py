@@ -48,7 +48,8 @@ def test_run_writes_every_stage_and_a_report_of_their_numbers(tiny_dirs, tmp_pat
         evaluation = json.loads((out / "seed-0" / "eval" / f"{name}.json").read_text())
         latency = json.loads((out / "seed-0" / "bench" / f"{name}.json").read_text())
         row = results["checkpoints"][name][0]
-        assert row["path"] == recovered["path"] and row["compression"] == recovered["compression"] >= 0.2
+        assert row["path"] == recovered["path"] and row["compression"] == recovered["compression"]
+        assert row["compression"] == 1 - row["params"] / recovered["original_params"]
         assert row["tasks"] == {"arc_easy": evaluation["tasks"]["arc_easy"]["acc_norm"],
                                 "winogrande": evaluation["tasks"]["winogrande"]["acc"]}
         assert row["average"] == pytest.approx(statistics.mean(row["tasks"].values()))
