@@ -78,6 +78,8 @@ def test_run_refuses_another_runs_directory(tiny_dirs, tmp_path):
     with pytest.raises(MopError, match="other settings.*eval_limit"):
         run_pipeline(str(tiny_dirs["mistral"]), tiny_config([0], recovery=None, latency=None, tasks=["wikitext"],
                                                              eval_limit=5), out)
+    with pytest.raises(MopError, match="other settings.*model"):  # another model's dense evaluation is not reused
+        run_pipeline(str(tiny_dirs["qwen2"]), config, out)
 
 
 def test_run_cli_fails_fast_on_a_task_without_data(tiny_dirs, tmp_path, capsys, monkeypatch):

@@ -75,16 +75,16 @@ def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
     return config
 
 
-def shared_identity(base: PipelineConfig) -> dict:
-    """What every method of one comparison must share: recovery, tasks, documents, device and dtype."""
-    identity = base.identity()
+def shared_identity(base: PipelineConfig, model: str) -> dict:
+    """What every method of one comparison must share: the model, recovery, tasks, documents, device, dtype."""
+    identity = {"model": model, **base.identity()}
     identity.pop("search")
     return json.loads(json.dumps(identity))
 
 
-def claim(out: Path, base: PipelineConfig) -> None:
+def claim(out: Path, base: PipelineConfig, model: str) -> None:
     settings = out / "compare.json"
-    identity = shared_identity(base)
+    identity = shared_identity(base, model)
     if settings.is_file():
         saved = json.loads(settings.read_text())["identity"]
         if saved != identity:
@@ -105,7 +105,7 @@ def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out:
     for config in configs.values():
         config.validate()
     check_tasks(base)
-    claim(out, base)
+    claim(out, base, model)
     from mop.evaluation import evaluate
     from mop.models import load_model
 

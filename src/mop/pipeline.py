@@ -80,20 +80,18 @@ def stage(output: Path, compute: Callable[[], dict], what: str) -> dict:
     return record
 
 
-def claim(out: Path, config: PipelineConfig) -> None:
-    """Record the settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
-    settings = out / "pipeline.json"
+def claim(out: Path, config: PipelineConfig, model: str) -> None:
+    """Record the model and settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
+    settings, identity = out / "pipeline.json", json.loads(json.dumps({"model": model, **config.identity()}))
     if settings.is_file():
         saved = json.loads(settings.read_text())["identity"]
-        if saved != json.loads(json.dumps(config.identity())):
-            differs = sorted(k for k in saved.keys() | config.identity().keys()
-                             if json.dumps(saved.get(k)) != json.dumps(config.identity().get(k)))
+        if saved != identity:
+            differs = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
             raise MopError(f"{out} holds a run with other settings (differs in: {', '.join(differs)}); choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise MopError(f"{out} is not empty and holds no mop run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings, {"identity": config.identity(), "seeds": config.seeds,
-                                 "targets": config.search.targets})
+    write_json_atomic(settings, {"identity": identity, "seeds": config.seeds, "targets": config.search.targets})
 
 
 def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str, Path]:
@@ -123,7 +121,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
 
     config.validate()
     check_tasks(config)
-    claim(out, config)
+    claim(out, config, model)
 
     def evaluated(checkpoint: str) -> dict:
         return evaluate(load_model(checkpoint, config.device, config.dtype), config.tasks, config.eval_limit,
