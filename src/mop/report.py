@@ -174,7 +174,8 @@ def plot_accuracy(results: dict, x_key: str, x_label: str, x_scale: float, out: 
     axes.set_xlabel(x_label)
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.get_legend_handles_labels()[0]:  # nothing plotted yet (e.g. no latency measured): no legend
+        axes.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
@@ -339,7 +340,8 @@ def plot_comparison(results: dict, y: str, x: str, x_label: str, x_scale: float,
     if y == "perplexity":
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
