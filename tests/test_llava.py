@@ -21,7 +21,7 @@ from conftest import train_tiny_tokenizer
 from mop import cli
 from mop.evaluation import multimodal
 from mop.latency import LatencySettings, benchmark, greedy_generate, image_prompt, image_prompt_latency
-from mop.models import count_params, load_model, save_checkpoint
+from mop.models import count_all_params, count_params, load_model, save_checkpoint
 from mop.models.llava import PROMPT
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.surgery import prune_width
@@ -109,8 +109,7 @@ def logits(model, inputs: dict) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["mop", "depth", "width"])
 def test_every_mode_prunes_the_language_model_only(tiny_llava, tmp_path, mode):
     loaded = load_model(str(tiny_llava))
-    original_language = loaded.adapter.language_params(loaded.model)
-    original_whole = count_params(loaded.model)
+    original_language, original_whole = count_params(loaded.model), count_all_params(loaded.model)
     state = Search(loaded, SearchConfig(targets=[0.3], mode=mode, **SEARCH), tmp_path).run()
     out = tmp_path / "target-30"
     path = "".join(record["choice"] for record in state.iterations)
@@ -136,9 +135,11 @@ def test_every_mode_prunes_the_language_model_only(tiny_llava, tmp_path, mode):
     vision = sum(before[name].numel() for name in visual)
     assert (record["params"], record["original_params"]) == (language, original_language)
     assert record["compression"] == 1 - language / original_language >= 0.3
-    assert record["whole_model"] == {"params": count_params(reloaded), "original_params": original_whole,
-                                     "compression": 1 - count_params(reloaded) / original_whole}
-    assert count_params(reloaded) == language + vision and original_whole == original_language + vision
+    whole = count_all_params(reloaded)
+    assert record["whole_model"] == {"params": whole, "original_params": original_whole,
+                                     "compression": 1 - whole / original_whole}
+    assert count_params(reloaded) == language and whole == language + vision
+    assert original_whole == original_language + vision
     assert record["source"]["architecture"] == "LlavaForConditionalGeneration"
 
     # generation with the image, with the KV cache, is the uncached generation
@@ -163,14 +164,20 @@ def test_text_config_head_dim_survives_save_and_reload(tiny_llava, tmp_path, gro
     inputs = image_inputs(AutoProcessor.from_pretrained(tmp_path / "out"), "2.jpg")
     torch.testing.assert_close(logits(reloaded, inputs), logits(loaded.model, inputs), atol=1e-6, rtol=0)
 
-    # the written checkpoint (a Mistral twin or a LLaMA inside) is pruned again like any LLaVA
+    # the written checkpoint (a Mistral twin or a LLaMA inside) is searched again like any LLaVA
     again = load_model(str(tmp_path / "out"))
-    prune_width(again.model, again.adapter, [[0]] * layers, [[1]] * layers)
-    save_checkpoint(again, again.model, tmp_path / "again", {})
-    text = LlavaForConditionalGeneration.from_pretrained(tmp_path / "again").config.text_config
-    assert (text.model_type, text.head_dim, text.num_attention_heads) == (text_type, 8, 6 - 2 * groups)
-    torch.testing.assert_close(logits(LlavaForConditionalGeneration.from_pretrained(tmp_path / "again").eval(), inputs),
-                               logits(again.model, inputs), atol=1e-6, rtol=0)
+    Search(again, SearchConfig(targets=[0.1], **SEARCH), tmp_path / "again").run()
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "again" / "target-10").eval()
+    assert (reloaded.config.text_config.model_type, reloaded.config.text_config.head_dim) == (text_type, 8)
+    torch.testing.assert_close(logits(reloaded, inputs), logits(again.model, inputs), atol=1e-6, rtol=0)
+
+
+def test_device_auto_loads_the_llava_class(tiny_llava):
+    cpu, auto = load_model(str(tiny_llava)), load_model(str(tiny_llava), device="auto")
+    assert type(auto.model) is LlavaForConditionalGeneration and auto.processor is not None
+    assert auto.weights_sha256 == cpu.weights_sha256
+    inputs = image_inputs(cpu.processor)
+    torch.testing.assert_close(logits(auto.model, inputs), logits(cpu.model, inputs), atol=1e-6, rtol=0)
 
 
 def test_cli_prune_reports_language_and_whole_model(tiny_llava, tmp_path, capsys):
@@ -259,6 +266,22 @@ def test_text_only_recovery_keeps_the_vision_tower_and_writes_a_llava(tiny_llava
     reloaded = LlavaForConditionalGeneration.from_pretrained(out).eval()
     inputs = image_inputs(AutoProcessor.from_pretrained(out), "3.jpg")
     torch.testing.assert_close(logits(reloaded, inputs), logits(load_model(str(out)).model, inputs), atol=1e-6, rtol=0)
+
+
+def test_distillation_from_the_source_llava(tiny_llava, tmp_path):
+    """`--method kd` on a pruned LLaVA: the teacher is the source LLaVA named in mop.json, text only."""
+    Search(load_model(str(tiny_llava)), SearchConfig(targets=[0.2], **SEARCH), tmp_path / "run").run()
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join((Path(os.environ["MOP_DATA_DIR"]) / "wikitext2" / "wiki.test.raw").read_text()
+                              .splitlines()[:40]))
+    out = tmp_path / "kd"
+    assert cli.main(["finetune", str(tmp_path / "run" / "target-20"), "--out", str(out), "--method", "kd",
+                     "--kd-data", str(text), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                     "--max-length", "64"]) == 0
+    record = json.loads((out / "mop.json").read_text())["finetune"]
+    assert record["teacher"]["sha256"] == load_model(str(tiny_llava)).weights_sha256
+    before, after = stored(tiny_llava), stored(out)
+    assert all(torch.equal(before[name], after[name]) for name in before if name.startswith(VISUAL_PREFIXES))
 
 
 def test_explicit_rank_and_alpha_override_the_multimodal_default(tiny_llava):
@@ -362,7 +385,7 @@ def test_mop_run_on_a_llava(tiny_llava, tmp_path):
     assert (record["finetune"]["settings"]["lora"]["rank"], record["finetune"]["settings"]["lora"]["alpha"]) == (8, 16)
     assert (recovered / "processor_config.json").is_file()
     evaluation = json.loads((out / "seed-0" / "eval" / "target-20.json").read_text())["model"]
-    assert evaluation["language_model_params"] == record["params"]
-    assert evaluation["params"] == record["whole_model"]["params"]
+    assert evaluation["params"] == record["params"]
+    assert evaluation["whole_model_params"] == record["whole_model"]["params"]
     row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| target-20 "))
     assert f"{record['params'] / 1e6:.2f} M (whole model {record['whole_model']['params'] / 1e6:.2f} M)" in row

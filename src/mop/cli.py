@@ -251,8 +251,10 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward/backward")
     finetune.add_argument("--lr", type=float, default=3e-4)
     finetune.add_argument("--max-length", type=int, default=512, help="tokens per example")
-    finetune.add_argument("--rank", type=int, default=None, help="LoRA rank (default 32; 8 on a vision-language model)")
-    finetune.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 10; 16 on a vision-language model)")
+    finetune.add_argument("--rank", type=int, default=None,
+                          help="LoRA rank (default 32; on a vision-language model 8)")
+    finetune.add_argument("--alpha", type=int, default=None,
+                          help="LoRA alpha (default 10; on a vision-language model 16)")
     finetune.add_argument("--dropout", type=float, default=0.05)
     finetune.add_argument("--no-activation-checkpointing", action="store_true",
                           help="keep every layer's activations while training LoRA: faster, much more memory")

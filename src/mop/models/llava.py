@@ -39,6 +39,11 @@ class LlavaAdapter(LlamaAdapter):
                            f"supported: {', '.join(LANGUAGE_MODELS)}")
         return model.model.language_model
 
+    def kv_head_counts(self, model: nn.Module) -> frozenset[int] | None:
+        if self.text_config(model).model_type == "llama":
+            return super().kv_head_counts(model)
+        return None  # the Mistral twin: no biases, any head count loads
+
     def export_config(self, model: nn.Module) -> PretrainedConfig:
         """The LLaVA config with the pruned text config; `head_dim` is written explicitly (it no longer equals
         hidden_size / heads once heads are pruned)."""

@@ -173,12 +173,13 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     directory = resolve_model_dir(name)
     config = read_config(directory)
     architecture = check_architecture(config)
+    multimodal = ADAPTERS[architecture].multimodal
     try:
-        processor = load_processor(directory) if ADAPTERS[architecture].multimodal else None
+        processor = load_processor(directory) if multimodal else None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(directory)
         release_freed_memory()  # the parsed tokenizer.json, before the weights are read
         if device == "auto":
-            model_class = getattr(transformers, architecture)
+            model_class = getattr(transformers, architecture) if multimodal else AutoModelForCausalLM
             model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], device_map="auto")
             digest = weights_sha256(directory)
         else:

@@ -129,7 +129,7 @@ def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: 
         rows, data_record = alpaca_rows(tokenizer, config.data, lora.max_length)
         return rows, cross_entropy_sum, {"data": data_record, "teacher": None}
     reference = load_model(teacher, device, dtype)
-    if reference.model.config.vocab_size != loaded.model.config.vocab_size:
+    if reference.model.config.get_text_config().vocab_size != loaded.model.config.get_text_config().vocab_size:
         raise MopError(f"teacher {teacher} has another vocabulary than the model")
     recorded = provenance.get("source", {}).get("sha256")
     if config.teacher is None and recorded and recorded != reference.weights_sha256:
