@@ -251,8 +251,10 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward/backward")
     finetune.add_argument("--lr", type=float, default=3e-4)
     finetune.add_argument("--max-length", type=int, default=512, help="tokens per example")
-    finetune.add_argument("--rank", type=int, default=32)
-    finetune.add_argument("--alpha", type=int, default=10)
+    finetune.add_argument("--rank", type=int, default=None,
+                          help="LoRA rank (default 32; on a vision-language model 8)")
+    finetune.add_argument("--alpha", type=int, default=None,
+                          help="LoRA alpha (default 10; on a vision-language model 16)")
     finetune.add_argument("--dropout", type=float, default=0.05)
     finetune.add_argument("--no-activation-checkpointing", action="store_true",
                           help="keep every layer's activations while training LoRA: faster, much more memory")
@@ -267,11 +269,13 @@ def register_finetune(commands) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from mop.training import FinetuneConfig, LoraSettings, finetune
+    from mop.training import FinetuneConfig, finetune
+    from mop.training.recovery import recovery_lora
 
-    lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
-                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
-                        activation_checkpointing=not args.no_activation_checkpointing)
+    given = {name: value for name, value in (("rank", args.rank), ("alpha", args.alpha)) if value is not None}
+    lora = recovery_lora(args.model, dropout=args.dropout, learning_rate=args.lr, batch_size=args.batch_size,
+                         micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                         activation_checkpointing=not args.no_activation_checkpointing, **given)
     config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
                             kd_data=args.kd_data, kd_temperature=args.kd_temperature)
@@ -286,10 +290,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def register_eval(commands) -> None:
     from mop.evaluation import TASKS
+    from mop.evaluation.multimodal import MULTIMODAL_TASKS
 
     evaluate = commands.add_parser("eval", help="zero-shot accuracy (lm-eval, offline) and WikiText-2 perplexity")
     _add_model_options(evaluate)
-    evaluate.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(TASKS)}")
+    evaluate.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(TASKS)}; a vision-language "
+                                                         f"model also: {', '.join(MULTIMODAL_TASKS)}")
     evaluate.add_argument("--output", type=Path, required=True, help="JSON file for the full record")
     evaluate.add_argument("--limit", type=int, help="documents per task, and wikitext segments (default: all)")
     evaluate.add_argument("--batch-size", type=int, default=8)
@@ -308,18 +314,26 @@ def _task_file(spec: str) -> tuple[str, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mop.evaluation import evaluate, summary_table, validate_settings, validate_tasks
+    from mop.evaluation import evaluate, multimodal, summary_table, validate_settings, validate_tasks
     from mop.models import load_model
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    images = [name for name in tasks if name in multimodal.MULTIMODAL_TASKS]  # image + text tasks of a VLM
+    tasks = [name for name in tasks if name not in images]
     task_files = dict(args.task_file)
-    validate_tasks(tasks, task_files)  # before the model loads
+    if tasks or not images:
+        validate_tasks(tasks, task_files)  # before the model loads
+    multimodal.validate_multimodal_tasks(images)
     validate_settings(args.limit, args.batch_size, args.ppl_segment_length, args.ppl_segments)
     _check_output(args.output)
     loaded = load_model(args.model, args.device, args.dtype)
     record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files,
-                      args.ppl_segments)
-    _write_record(args.output, record, summary_table(record))
+                      args.ppl_segments) if tasks else {}
+    tables = [summary_table(record)] if tasks else []
+    if images:
+        record["multimodal"] = multimodal.evaluate_multimodal(loaded, images, args.limit)
+        tables.append(multimodal.summary_table(record["multimodal"]))
+    _write_record(args.output, record, *tables)
 
 
 def _check_output(output: Path) -> None:
@@ -327,13 +341,14 @@ def _check_output(output: Path) -> None:
         raise MopError(f"--output {output} is a directory; give a JSON file name")
 
 
-def _write_record(output: Path, record: dict, table: Table) -> None:
-    """The command's record into `output` (atomically), its table to the terminal."""
+def _write_record(output: Path, record: dict, *tables: Table) -> None:
+    """The command's record into `output` (atomically), its tables to the terminal."""
     from mop.provenance import write_json_atomic
 
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, record)
-    Console().print(table)
+    for table in tables:
+        Console().print(table)
 
 
 def register_check(commands) -> None:
@@ -474,14 +489,15 @@ def _pipeline_config(args: argparse.Namespace):
     from mop.latency import LatencySettings
     from mop.models.loading import resolve_model_dir
     from mop.pipeline import PipelineConfig
-    from mop.training import FinetuneConfig, LoraSettings
+    from mop.training import FinetuneConfig
+    from mop.training.recovery import recovery_lora
 
     recovery = None if args.no_recovery else FinetuneConfig(
         data=args.recovery_data, epochs=args.recovery_epochs, max_steps=args.recovery_steps,
-        method=args.recovery_method, lora=LoraSettings(batch_size=args.recovery_batch_size,
-                                                       micro_batch_size=args.recovery_micro_batch_size,
-                                                       max_length=args.recovery_max_length,
-                                                       activation_checkpointing=not args.no_activation_checkpointing))
+        method=args.recovery_method, lora=recovery_lora(args.model, batch_size=args.recovery_batch_size,
+                                                        micro_batch_size=args.recovery_micro_batch_size,
+                                                        max_length=args.recovery_max_length,
+                                                        activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], eval_limit=args.eval_limit,
@@ -506,8 +522,11 @@ def print_summary(state) -> None:
     console = Console()
     console.print(table)
     for name, reached in sorted(state.targets.items()):
+        whole = reached.get("whole_model")  # a VLM: the language model's numbers, then the whole model's
+        beside = (f"; whole model {whole['params']:,} parameters, {whole['compression']:.2%} compression"
+                  if whole and whole["params"] != reached["params"] else "")
         console.print(f"{state.directory / name}: {reached['params']:,} parameters, "
-                      f"{reached['compression']:.2%} compression (iteration {reached['iteration']})")
+                      f"{reached['compression']:.2%} compression (iteration {reached['iteration']}){beside}")
 
 
 def log_file(args: argparse.Namespace) -> Path | None:

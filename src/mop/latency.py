@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from mop.errors import MopError
 from mop.models import LoadedModel, count_params, input_device, load_model
+from mop.models.llava import PROMPT as IMAGE_PROMPT
 from mop.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ PROTOCOL = (
 )
 
 Clock = Callable[[], float]
+IMAGE_QUESTION = "What is shown in this image?"  # a vision-language model's image + text prompt (`image_prompt`)
 
 
 @dataclass
@@ -118,12 +120,14 @@ def cache_bytes(cache: DynamicCache) -> int:
 
 
 @torch.inference_mode()
-def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter
-                    ) -> Generation:
-    """Exactly `new_tokens` greedy tokens after `prompt_ids` ([1, prompt_len], on the model's input device)."""
+def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter,
+                    pixel_values: torch.Tensor | None = None) -> Generation:
+    """Exactly `new_tokens` greedy tokens after `prompt_ids` ([1, prompt_len], on the model's input device); a
+    vision-language model gets the prompt's image as `pixel_values` in the prefill."""
     cache = DynamicCache(config=model.config)
+    image = {} if pixel_values is None else {"pixel_values": pixel_values}
     started = _synced(clock, prompt_ids)
-    logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **image).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     prefilled = _synced(clock, token)
     tokens = [token]
@@ -238,6 +242,42 @@ def speedup_stats(baseline_s: list[float], candidate_s: list[float]) -> dict:
             "runs": len(ratios)}
 
 
+def image_prompt(processor) -> dict[str, torch.Tensor]:
+    """A vision-language model's fixed image + text prompt: a synthetic 336 × 336 grey ramp (timing does not depend
+    on the picture; the processor resizes it like any image) and IMAGE_QUESTION in LLaVA-1.5's format."""
+    from PIL import Image
+
+    picture = Image.linear_gradient("L").resize((336, 336)).convert("RGB")
+    return dict(processor(images=picture, text=IMAGE_PROMPT.format(question=IMAGE_QUESTION), return_tensors="pt"))
+
+
+def image_prompt_latency(roles: dict[str, LoadedModel], processor, settings: LatencySettings,
+                         clock: Clock = time.perf_counter) -> dict:
+    """The protocol on the image + text prompt (`image_prompt`): the same alternation, warmup and statistics as
+    the text prompt; prefill = vision tower, projector and the prompt's forward pass, and the first token."""
+    inputs = image_prompt(processor)
+    runs: dict[str, list[Generation]] = {role: [] for role in roles}
+    for run in range(settings.runs):
+        for role in run_order(list(roles), run):
+            model = roles[role].model
+            device, dtype = input_device(model), next(model.parameters()).dtype
+            runs[role].append(greedy_generate(model, inputs["input_ids"].to(device), settings.new_tokens, clock,
+                                              inputs["pixel_values"].to(device, dtype)))
+    kept = {role: generations[settings.warmup:] for role, generations in runs.items()}
+
+    def end_to_end(generations: list[Generation]) -> list[float]:
+        return [g.prefill_s + g.decode_s for g in generations]
+
+    models = {role: {"end_to_end_s": mean_std(end_to_end(kept[role])),
+                     "prefill_s": mean_std([g.prefill_s for g in kept[role]]),
+                     "decode_ms_per_token": mean_std([1000 * g.decode_s / (settings.new_tokens - 1) for g in kept[role]]),
+                     "raw": {"end_to_end_s": end_to_end(runs[role])}} for role in roles}
+    speedup = speedup_stats(end_to_end(kept["baseline"]), end_to_end(kept["candidate"])) if "baseline" in roles else None
+    prompt = {"text": IMAGE_PROMPT.format(question=IMAGE_QUESTION), "tokens": inputs["input_ids"].shape[1],
+              "image": "336x336 synthetic grey ramp"}
+    return {"prompt": prompt, "models": models, "speedup": speedup}
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
@@ -300,6 +340,7 @@ def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: La
         "speedup": compare("end_to_end_s"),
         "decode_speedup": compare("decode_s"),
         "generate_speedup": compare("generate_s"),
+        "image_prompt": image_prompt_latency(roles, candidate.processor, settings) if candidate.processor else None,
         # process-wide (every model loaded in this process, and everything else it holds): an upper bound only
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "versions": versions(),
@@ -333,8 +374,14 @@ def summary_table(record: dict) -> Table:
     row("KV cache MiB (end)", lambda r: f"{r['memory']['kv_cache_bytes'] / mebibytes:.2f}")
     if "cuda_peak_allocated_bytes" in record["models"][roles[0]]["memory"]:
         row("CUDA peak MiB", lambda r: f"{r['memory']['cuda_peak_allocated_bytes'] / mebibytes:.1f}")
+    image = record.get("image_prompt")
+    if image:
+        seconds = [image["models"][role]["end_to_end_s"] for role in roles]
+        table.add_row(f"image + text end-to-end s ({image['prompt']['tokens']} prompt tokens)",
+                      *(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in seconds))
     table.caption = "; ".join(
         f"{label} speedup {s['mean']:.3f} ± {s['std']:.3f} (ratio of means {s['ratio_of_means']:.3f})"
         for label, s in (("end-to-end", record["speedup"]), ("decode", record["decode_speedup"]),
-                         ("generate()", record["generate_speedup"])) if s is not None)
+                         ("generate()", record["generate_speedup"]),
+                         ("image + text", (image or {}).get("speedup"))) if s is not None)
     return table

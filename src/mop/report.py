@@ -40,6 +40,8 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None) 
     """One checkpoint's numbers: compression, parameters, path, perplexity, task scores, average, latency."""
     perplexity = evaluation["tasks"].get(PERPLEXITY_TASK, {}).get("perplexity")
     row = {"params": evaluation["model"]["params"], "perplexity": perplexity, "tasks": task_scores(evaluation),
+           # a VLM's whole model beside its language model (`params`, what the compression counts)
+           "whole_model_params": evaluation["model"].get("whole_model_params", evaluation["model"]["params"]),
            "stderr": task_stderrs(evaluation), "average": evaluation["average"]}
     if provenance is not None:
         row.update(compression=provenance["compression"], path=provenance["path"],
@@ -90,11 +92,17 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(l) + " |" for l in lines]
 
 
+def _params_cell(rows: list[dict]) -> str:
+    """Mean parameter count in millions; a VLM's language model first, then the whole model."""
+    language, whole = (statistics.mean(r[key] for r in rows) / 1e6 for key in ("params", "whole_model_params"))
+    return f"{language:.2f} M" if language == whole else f"{language:.2f} M (whole model {whole:.2f} M)"
+
+
 def _cells(rows: list[dict], tasks: list[str]) -> list[str]:
     """Table cells of one or more rows of the same checkpoint (mean ± std when several seeds)."""
     get = lambda key: [r.get(key) for r in rows]
     return [
-        _mean_std(get("compression"), 100), f"{statistics.mean(get('params')) / 1e6:.2f} M",
+        _mean_std(get("compression"), 100), _params_cell(rows),
         " ".join(f"`{r['path']}`" for r in rows if r.get("path")) or "–",
         _mean_std(get("perplexity"), digits=2),
         *[_mean_std([r["tasks"].get(t) for r in rows], 100) for t in tasks],

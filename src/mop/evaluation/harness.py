@@ -12,7 +12,7 @@ from rich.table import Table
 from mop.errors import MopError
 from mop.evaluation.perplexity import perplexity
 from mop.evaluation.tasks import PAPER_METRIC, PERPLEXITY_TASK, build_task, validate_tasks
-from mop.models import LoadedModel, count_params, input_device
+from mop.models import LoadedModel, count_all_params, count_params, input_device
 from mop.provenance import versions
 
 
@@ -83,6 +83,7 @@ def evaluate(loaded: LoadedModel, tasks: list[str], limit: int | None = None, ba
         "average": average,
         "average_tasks": average_tasks,
         "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256, "params": count_params(loaded.model),
+                  "whole_model_params": count_all_params(loaded.model),  # a VLM's vision tower too
                   "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                   "device": str(input_device(loaded.model))},
         "limit": limit,

@@ -52,6 +52,8 @@ class LayerShape:
 class DecoderAdapter:
     """LLaMA-style decoder: `model.model.layers[i].self_attn.{q,k,v,o}_proj` and `.mlp.{gate,up,down}_proj`."""
 
+    multimodal = False  # a vision-language model: a processor to load and save, parts beside the language model
+
     def text_model(self, model: nn.Module) -> nn.Module:
         """The causal LM that holds the decoder (the model itself, or the language model of a VLM)."""
         return model
@@ -101,6 +103,11 @@ class DecoderAdapter:
     def kv_head_counts(self, model: nn.Module) -> frozenset[int] | None:
         """The KV-group counts a pruned layer may keep and still be exported (None: any count)."""
         return None
+
+    def language_params(self, model: nn.Module) -> int:
+        """P(F), what `--target` compresses: the parameters of the language model (embeddings, decoder layers,
+        final norm, lm_head; tied ones once). For a causal LM, every parameter."""
+        return sum(p.numel() for p in model.parameters())
 
 
 class LlamaAdapter(DecoderAdapter):

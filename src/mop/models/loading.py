@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 import transformers
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig, GgufConfig,
+                          PretrainedConfig)
 
 from mop.errors import MopError
-from mop.models.adapters import DecoderAdapter, adapter_for, check_architecture
+from mop.models.adapters import ADAPTERS, DecoderAdapter, adapter_for, check_architecture
 from mop.provenance import WeightsDigest, weights_digest
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class LoadedModel:
     name: str  # as the user gave it
     directory: Path  # local directory holding config + weights
     weights_sha256: str
+    processor: object | None = None  # a vision-language model's processor (image processor + the tokenizer)
 
 
 def cache_dir() -> Path:
@@ -152,21 +154,33 @@ def _load_unmapped(directory: Path, model_class, config, dtype: torch.dtype, dev
     return model, digest.hexdigest()
 
 
+def read_config(directory: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as error:
+        raise MopError(f"{directory}/config.json cannot be read: {str(error).splitlines()[0]}") from None
+
+
+def model_adapter(name: str) -> DecoderAdapter:
+    """The adapter of a model's family (a name as `load_model` takes it), read from its config alone."""
+    return ADAPTERS[check_architecture(read_config(resolve_model_dir(name)))]
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a LLaMA-family causal LM for pruning; `device="auto"` spreads it with accelerate's device map."""
     if dtype not in DTYPES:
         raise MopError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
     directory = resolve_model_dir(name)
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as error:
-        raise MopError(f"{directory}/config.json cannot be read: {str(error).splitlines()[0]}") from None
+    config = read_config(directory)
     architecture = check_architecture(config)
+    multimodal = ADAPTERS[architecture].multimodal
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        processor = load_processor(directory) if multimodal else None
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(directory)
         release_freed_memory()  # the parsed tokenizer.json, before the weights are read
         if device == "auto":
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device_map="auto")
+            model_class = getattr(transformers, architecture) if multimodal else AutoModelForCausalLM
+            model = model_class.from_pretrained(directory, dtype=DTYPES[dtype], device_map="auto")
             digest = weights_sha256(directory)
         else:
             model, digest = _load_unmapped(directory, getattr(transformers, architecture), config, DTYPES[dtype], device)
@@ -177,7 +191,17 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(model, tokenizer, adapter_for(model), name, directory, digest)
+    return LoadedModel(model, tokenizer, adapter_for(model), name, directory, digest, processor)
+
+
+def load_processor(directory: Path):
+    """The processor saved with a vision-language checkpoint; None (with a warning) when it has none, so that the
+    language model can still be pruned and evaluated on text."""
+    if not any((directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        log.warning("%s has no processor files: image inputs are unavailable, the checkpoints mop writes from it "
+                    "will have none either", directory)
+        return None
+    return AutoProcessor.from_pretrained(directory)
 
 
 def _refuse_offloading(model: nn.Module, directory: Path) -> None:
@@ -201,7 +225,15 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def count_params(model: nn.Module) -> int:
-    """Every unique parameter (tied embeddings once), embeddings and lm_head included."""
+    """P(F) of SPEC §1: every unique parameter (tied embeddings once) of the language model, embeddings and lm_head
+    included; for a causal LM the whole model, for a vision-language model its language model only (the vision
+    tower and projector are never pruned; `count_all_params` counts them too)."""
+    adapter = ADAPTERS.get(type(model).__name__)
+    return adapter.language_params(model) if adapter is not None else count_all_params(model)
+
+
+def count_all_params(model: nn.Module) -> int:
+    """Every unique parameter of the whole model (tied embeddings once)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -230,7 +262,7 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path, provenance
     # MistralForCausalLM, or engines that pick a class by `architectures` (vLLM) load it as a LLaMA
     config.architectures = architectures
     config.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
+    (loaded.processor or loaded.tokenizer).save_pretrained(partial)  # a processor saves its tokenizer too
     (partial / "mop.json").write_text(json.dumps(provenance, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -17,8 +17,8 @@ from mop import data
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
 from mop.provenance import versions
-from mop.models import (LoadedModel, count_params, embedding_params, layer_params, release_freed_memory,
-                        save_checkpoint)
+from mop.models import (LoadedModel, count_all_params, count_params, embedding_params, layer_params,
+                        release_freed_memory, save_checkpoint)
 from mop.models.adapters import LayerShape
 from mop.pruning.state import RunState, target_name
 from mop.pruning.surgery import masked_width, prune_width, remove_layer, structural_copy
@@ -291,8 +291,16 @@ class Search:
             save_checkpoint(self.loaded, self.model, self.out / name, self.provenance(state, target, iteration))
             state.targets[name] = {"target": target, "iteration": iteration, "params": params,
                                    "compression": 1 - params / self.original_params,
-                                   "non_embedding_compression": self._non_embedding_compression(params)}
+                                   "non_embedding_compression": self._non_embedding_compression(params),
+                                   "whole_model": self._whole_model(params)}
             state.save()
+
+    def _whole_model(self, params: int) -> dict:
+        """The whole model's counts beside the language model's `params` (`count_params`): a vision-language
+        model's vision tower and projector are never pruned, so they add the same count before and after."""
+        other = count_all_params(self.model) - count_params(self.model)
+        return {"params": params + other, "original_params": self.original_params + other,
+                "compression": 1 - (params + other) / (self.original_params + other)}
 
     def _non_embedding_compression(self, params: int) -> float:
         return 1 - (params - self.embedding_params) / (self.original_params - self.embedding_params)
@@ -309,6 +317,7 @@ class Search:
             "seed": self.config.seed, "path": "".join(r["choice"] for r in iterations),
             "params": params, "compression": 1 - params / self.original_params,
             "non_embedding_compression": self._non_embedding_compression(params),
+            "whole_model": self._whole_model(params),
             "config": self.config.identity(),
             "iterations": [{k: v for k, v in r.items() if k != "removed"} for r in iterations],
         }

@@ -3,6 +3,7 @@ for a block (the candidates' short tuning) or merged into the weights (recovery)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
+
+from mop.models import adapter_for
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -36,9 +39,17 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Modul
     """Wrap the seven projections with LoRA adapters (initialised from `seed`); base weights are frozen."""
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(PROJECTIONS)
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=target_modules(model)
     )
     return get_peft_model(model, config)
+
+
+def target_modules(model: nn.Module) -> str:
+    """The seven projections of the decoder layers, as a regex peft matches against full module names: only the
+    language model's, as a VLM's vision tower has q_proj/k_proj/v_proj too."""
+    layers = adapter_for(model).layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)  # "model.layers", ...
+    return rf"{re.escape(prefix)}\.\d+\.(self_attn|mlp)\.({'|'.join(PROJECTIONS)})"
 
 
 @contextmanager

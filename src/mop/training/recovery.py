@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 
 from mop import data
 from mop.errors import MopError
-from mop.models import load_model, save_checkpoint, saved_weights_sha256
+from mop.models import load_model, model_adapter, save_checkpoint, saved_weights_sha256
 from mop.provenance import read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
 from mop.training.lora import LoraSettings, attach_lora, merge_lora
@@ -25,6 +25,7 @@ from mop.training.losses import LossFn, cross_entropy_sum, distillation_sum
 log = logging.getLogger(__name__)
 
 METHODS = ("sft", "kd")
+MULTIMODAL_LORA = {"rank": 8, "alpha": 16}  # the paper's LoRA for LLaVA-1.5 (its section 4.4)
 
 
 @dataclass
@@ -61,6 +62,13 @@ class FinetuneConfig:
     def identity(self) -> dict:
         """Everything that decides the weights (how often the state is saved does not)."""
         return {k: v for k, v in asdict(self).items() if k != "save_every"}
+
+
+def recovery_lora(model: str, **settings) -> LoraSettings:
+    """The recovery LoRA settings of `model` (a name as `load_model` takes it): the paper's multimodal setting
+    (r=8, α=16) on a vision-language model, SPEC §1's (r=32, α=10) otherwise; `settings` override them."""
+    defaults = MULTIMODAL_LORA if model_adapter(model).multimodal else {}
+    return LoraSettings(**{**defaults, **settings})
 
 
 def alpaca_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], dict]:
@@ -121,7 +129,7 @@ def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: 
         rows, data_record = alpaca_rows(tokenizer, config.data, lora.max_length)
         return rows, cross_entropy_sum, {"data": data_record, "teacher": None}
     reference = load_model(teacher, device, dtype)
-    if reference.model.config.vocab_size != loaded.model.config.vocab_size:
+    if reference.model.config.get_text_config().vocab_size != loaded.model.config.get_text_config().vocab_size:
         raise MopError(f"teacher {teacher} has another vocabulary than the model")
     recorded = provenance.get("source", {}).get("sha256")
     if config.teacher is None and recorded and recorded != reference.weights_sha256:
