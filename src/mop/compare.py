@@ -19,10 +19,9 @@ import logging
 from dataclasses import fields, replace
 from pathlib import Path
 
-from mop.errors import MopError
 from mop import pipeline
+from mop.errors import MopError
 from mop.pipeline import PipelineConfig, check_tasks, run_pipeline
-from mop.provenance import write_json_atomic
 from mop.pruning.search import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -83,17 +82,9 @@ def shared_identity(base: PipelineConfig, model: str) -> dict:
 
 
 def claim(out: Path, base: PipelineConfig, model: str) -> None:
-    settings = out / "compare.json"
-    identity = shared_identity(base, model)
-    if settings.is_file():
-        saved = json.loads(settings.read_text())["identity"]
-        if saved != identity:
-            differs = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
-            raise MopError(f"{out} holds a comparison with other settings (differs in: {', '.join(differs)})")
-    elif out.exists() and any(out.iterdir()):
-        raise MopError(f"{out} is not empty and holds no mop comparison; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings, {"identity": identity, "targets": base.search.targets})
+    """Record the shared settings in OUT/compare.json, or refuse an OUT that holds something else."""
+    pipeline.claim_directory(out, "compare.json", shared_identity(base, model), "comparison",
+                             targets=base.search.targets)
 
 
 def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out: Path) -> dict:

@@ -80,18 +80,25 @@ def stage(output: Path, compute: Callable[[], dict], what: str) -> dict:
     return record
 
 
-def claim(out: Path, config: PipelineConfig, model: str) -> None:
-    """Record the model and settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
-    settings, identity = out / "pipeline.json", json.loads(json.dumps({"model": model, **config.identity()}))
+def claim_directory(out: Path, settings_file: str, identity: dict, what: str, **record) -> None:
+    """Record `identity` in OUT/`settings_file` (with `record`), or refuse an OUT that holds another `what`."""
+    settings, identity = out / settings_file, json.loads(json.dumps(identity))
     if settings.is_file():
         saved = json.loads(settings.read_text())["identity"]
         if saved != identity:
             differs = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
-            raise MopError(f"{out} holds a run with other settings (differs in: {', '.join(differs)}); choose another --out")
+            raise MopError(f"{out} holds a {what} with other settings (differs in: {', '.join(differs)}); "
+                           "choose another --out")
     elif out.exists() and any(out.iterdir()):
-        raise MopError(f"{out} is not empty and holds no mop run; choose another --out")
+        raise MopError(f"{out} is not empty and holds no mop {what}; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings, {"identity": identity, "seeds": config.seeds, "targets": config.search.targets})
+    write_json_atomic(settings, {"identity": identity, **record})
+
+
+def claim(out: Path, config: PipelineConfig, model: str) -> None:
+    """Record the model and settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
+    claim_directory(out, "pipeline.json", {"model": model, **config.identity()}, "run", seeds=config.seeds,
+                    targets=config.search.targets)
 
 
 def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str, Path]:
