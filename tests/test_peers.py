@@ -23,9 +23,8 @@ from mop.models.adapters import LayerShape, adapter_for
 from mop.pruning import methods
 from mop.pruning.methods.llm_pruner import LLMPruner, taylor_importance, uniform_plan
 from mop.pruning.methods import oneshot
-from mop.pruning.methods.oneshot import calibration_batches
 from mop.pruning.methods.shortgpt import ShortGPT
-from mop.pruning.search import Search, SearchConfig, target_name
+from mop.pruning.search import Search, SearchConfig, calibration_batches, target_name
 from mop.pruning.state import RunState
 from mop.pruning.surgery import prune_width, remove_layer, structural_copy
 from mop.pruning.width import _lowest

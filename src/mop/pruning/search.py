@@ -107,17 +107,10 @@ class Search:
         return self.config.mode == "mop" and self.path.score is not None
 
     def _texts_or_samples(self, spec: str, n: int, length: int) -> list[str]:
-        try:
-            return data.load_calibration(spec)
-        except data.DataUnavailable as error:
-            log.warning("%s", error)
-            return data.sample_texts_from_model(self.model, self.loaded.tokenizer, n, length, DATA_SEED)
+        return texts_or_samples(self.loaded, spec, n, length)
 
     def _calibration(self) -> list[data.Batch]:
-        c = self.config
-        texts = data.sample(self._texts_or_samples(c.calib, c.calib_samples, c.calib_max_length), c.calib_samples,
-                            DATA_SEED)
-        return data.text_batches(self.loaded.tokenizer, texts, c.calib_max_length, c.batch_size)
+        return calibration_batches(self.loaded, self.config)
 
     def _tune_rows(self) -> list:
         c = self.config
@@ -338,6 +331,25 @@ def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total
     if mode == "width":
         return rest + n_layers * width_floor(shape, n_layers, fixed, kv_counts)
     return rest + kept * width_floor(shape, kept, fixed, kv_counts)
+
+
+def texts_or_samples(loaded: LoadedModel, spec: str, n: int, length: int) -> list[str]:
+    """The texts of `spec` (Alpaca rows as prompts), or, when no data can be read, `n` texts of `length` tokens
+    sampled from the model itself (with a warning), the same whatever the run's seed."""
+    try:
+        return data.load_calibration(spec)
+    except data.DataUnavailable as error:
+        log.warning("%s", error)
+        return data.sample_texts_from_model(loaded.model, loaded.tokenizer, n, length, DATA_SEED)
+
+
+def calibration_batches(loaded: LoadedModel, config: SearchConfig) -> list[data.Batch]:
+    """The run's calibration prompts, for every method: `config.calib_samples` of `config.calib`'s texts drawn
+    with the fixed DATA_SEED (whatever the run's seed), truncated to `config.calib_max_length` tokens,
+    `config.batch_size` a batch."""
+    texts = texts_or_samples(loaded, config.calib, config.calib_samples, config.calib_max_length)
+    texts = data.sample(texts, config.calib_samples, DATA_SEED)
+    return data.text_batches(loaded.tokenizer, texts, config.calib_max_length, config.batch_size)
 
 
 def hash_seed(seed: int, iteration: int) -> int:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from mop.data import Batch
 from mop.models import DecoderAdapter, LayerShape, count_params, input_device
 from mop.pruning.criteria import UnitScores
-from mop.pruning.methods.oneshot import OneShotPruner, calibration_batches
+from mop.pruning.methods.oneshot import OneShotPruner
+from mop.pruning.search import calibration_batches
 from mop.pruning.state import RunState
 from mop.pruning.surgery import prune_width
 from mop.pruning.width import WidthPlan, lowest_units

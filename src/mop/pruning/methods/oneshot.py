@@ -7,37 +7,19 @@ bitwise those of an uninterrupted run. An `--out` holding another run is refused
 
 from __future__ import annotations
 
-import logging
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch.nn as nn
 
-from mop import data
 from mop.models import LoadedModel, count_params, embedding_params, save_checkpoint
 from mop.errors import MopError
 from mop.provenance import versions
-from mop.pruning.search import DATA_SEED, SearchConfig, target_name
+from mop.pruning.search import SearchConfig, target_name
 from mop.pruning.state import RunState
 from mop.pruning.surgery import structural_copy
 
-log = logging.getLogger(__name__)
-
-
-def calibration_batches(loaded: LoadedModel, config: SearchConfig) -> list[data.Batch]:
-    """The run's calibration prompts, drawn as the search draws them: `config.calib_samples` of
-    `config.calib`'s texts with the fixed DATA_SEED (whatever the run's seed), truncated to
-    `config.calib_max_length` tokens, `config.batch_size` a batch; texts sampled from the model if no data
-    can be read."""
-    try:
-        texts = data.load_calibration(config.calib)
-    except data.DataUnavailable as error:
-        log.warning("%s", error)
-        texts = data.sample_texts_from_model(loaded.model, loaded.tokenizer, config.calib_samples,
-                                             config.calib_max_length, DATA_SEED)
-    texts = data.sample(texts, config.calib_samples, DATA_SEED)
-    return data.text_batches(loaded.tokenizer, texts, config.calib_max_length, config.batch_size)
 
 
 class OneShotPruner(ABC):

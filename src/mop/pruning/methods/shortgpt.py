@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from mop.data import Batch
 from mop.models import DecoderAdapter, count_params, input_device, layer_params
-from mop.pruning.methods.oneshot import OneShotPruner, calibration_batches
+from mop.pruning.methods.oneshot import OneShotPruner
+from mop.pruning.search import calibration_batches
 from mop.pruning.state import RunState
 from mop.pruning.surgery import remove_layer
 
