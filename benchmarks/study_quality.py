@@ -1,7 +1,9 @@
 """The quality study of issue 10 on SmolLM2-135M: every method of `mop compare` at 20/30/40%, cell by cell.
 
-A cell is one (method, seed): `mop compare` with the study's shared settings, run in a child process into
-`runs/study/` (checkpoints stay there, never in git). After every cell the small result files — evaluations,
+A cell is one (target, method, seed): `mop compare` with the study's shared settings up to that target, run in a
+child process into `runs/study/` (checkpoints stay there, never in git); its recovery and evaluation take about
+30 minutes on 2 cores. Cells run target by target (every method at 20% first), so the comparison at equal size
+fills in first. The search of a method is nested: a later target extends it. After every cell the small result files — evaluations,
 latency records, each checkpoint's mop.json and the settings — are copied to `docs/study/smollm2/`, the report is
 rewritten there, and (with --commit) committed. A rerun first copies `docs/study/smollm2/` back into
 `runs/study/`, so on a fresh machine only the missing cells (and, within a cell, the missing targets) run.
@@ -31,8 +33,8 @@ MODEL = "smollm2-135m"
 # most 256 tokens; the paper: 2 epochs of 52k rows of 512 — `--recovery-epochs 2 --recovery-max-length 512` with
 # the 52k file on a GPU). Tasks on fixed first-N document subsets, perplexity on the first 32 segments of the
 # standard WikiText-2 protocol (of 148).
-SHARED = ["--target", "0.2", "--target", "0.3", "--target", "0.4",
-          "--recovery-epochs", "1", "--recovery-batch-size", "16", "--recovery-micro-batch-size", "8",
+TARGETS = (0.2, 0.3, 0.4)
+SHARED = ["--recovery-epochs", "1", "--recovery-batch-size", "16", "--recovery-micro-batch-size", "8",
           "--recovery-max-length", "256", "--no-activation-checkpointing",
           "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "250", "--eval-ppl-segments", "32",
           "--eval-batch-size", "16"]
@@ -75,11 +77,10 @@ def sync(source: Path, target: Path) -> None:
         shutil.copy2(source / relative, target / relative)
 
 
-def done(label: str, seed: int, bench: bool) -> bool:
+def done(label: str, seed: int, target: float, bench: bool) -> bool:
+    name = f"target-{round(target * 100)}.json"
     seed_dir = DOCS / label / f"seed-{seed}"
-    needed = [seed_dir / "eval" / f"target-{t}.json" for t in (20, 30, 40)]
-    needed += [seed_dir / "bench" / f"target-{t}.json" for t in (20, 30, 40)] if bench else []
-    return all(p.is_file() for p in needed)
+    return (seed_dir / "eval" / name).is_file() and (not bench or (seed_dir / "bench" / name).is_file())
 
 
 def commit(message: str) -> None:
@@ -99,23 +100,31 @@ def main() -> None:
     args = parser.parse_args()
     if DOCS.is_dir():
         sync(DOCS, RUNS)
-    for label, spec, seed in CELLS:
-        if args.only and label not in args.only or done(label, seed, args.bench):
-            continue
-        command = [sys.executable, "-m", "mop.cli", "compare", MODEL, "--methods", spec, "--seeds", str(seed),
-                   "--out", str(RUNS), *SHARED, *([] if args.bench else ["--no-bench"])]
-        print(f"[{time.strftime('%H:%M:%S')}] cell {label} seed {seed}: {' '.join(command[2:])}", flush=True)
-        started = time.time()
-        result = subprocess.run(command, env=os.environ)
-        (RUNS / "cells.jsonl").open("a").write(json.dumps(
-            {"label": label, "seed": seed, "returncode": result.returncode, "seconds": round(time.time() - started),
-             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        sync(RUNS, DOCS)
-        if args.commit:
-            commit(f"study: {label} seed {seed} ({'done' if result.returncode == 0 else 'partial'})")
-        print(f"[{time.strftime('%H:%M:%S')}] cell {label} seed {seed}: exit {result.returncode}, "
-              f"{(time.time() - started) / 60:.1f} min", flush=True)
+    for target in TARGETS:
+        for label, spec, seed in CELLS:
+            if args.only and label not in args.only or done(label, seed, target, args.bench):
+                continue
+            run_cell(label, spec, seed, target, args)
 
+
+def run_cell(label: str, spec: str, seed: int, target: float, args: argparse.Namespace) -> None:
+    """`mop compare` of one method and seed at every study target up to `target` (the earlier ones are done)."""
+    targets = [arg for t in TARGETS if t <= target for arg in ("--target", str(t))]
+    command = [sys.executable, "-m", "mop.cli", "compare", MODEL, "--methods", spec, "--seeds", str(seed),
+               "--out", str(RUNS), *targets, *SHARED, *([] if args.bench else ["--no-bench"])]
+    name = f"{label} seed {seed} at {target:.0%}"
+    print(f"[{time.strftime('%H:%M:%S')}] cell {name}: {' '.join(command[2:])}", flush=True)
+    started = time.time()
+    result = subprocess.run(command, env=os.environ)
+    with (RUNS / "cells.jsonl").open("a") as cells:
+        cells.write(json.dumps({"label": label, "seed": seed, "target": target, "returncode": result.returncode,
+                                "seconds": round(time.time() - started),
+                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    sync(RUNS, DOCS)
+    if args.commit:
+        commit(f"study: {name} ({'done' if result.returncode == 0 else 'partial'})")
+    print(f"[{time.strftime('%H:%M:%S')}] cell {name}: exit {result.returncode}, "
+          f"{(time.time() - started) / 60:.1f} min", flush=True)
 
 if __name__ == "__main__":
     main()
