@@ -11,7 +11,7 @@ from conftest import VOCAB, random_model
 from mop.models import count_params, load_model
 from mop.models.adapters import LayerShape
 from mop.pruning.search import Search, SearchConfig
-from mop.pruning.width import plan_width
+from mop.pruning.width import WidthUnits, plan_width
 
 SMALL = dict(calib_samples=8, calib_max_length=64)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -86,7 +86,7 @@ def test_planner_leaves_only_exportable_head_counts():
     shape = LayerShape(128, 16, 8, 1, 64, qkv_bias=True, mlp_bias=False)
     budget = 5 * 2 * shape.group_params  # 5 groups out of 2 layers fit
     free = plan_width(shape, 2, budget, carry=5.0)
-    kept = plan_width(shape, 2, budget, carry=5.0, kv_counts=frozenset({1, 2, 4, 8}))
+    kept = plan_width(shape, 2, budget, carry=5.0, units=WidthUnits(kv_counts=frozenset({1, 2, 4, 8})))
     assert (free.groups_per_layer, kept.groups_per_layer) == (5, 4)
     assert kept.carry_out == free.carry_out + 1
     assert abs(kept.achieved - budget) < 2 * shape.neuron_params  # the MLP takes what attention leaves

@@ -85,7 +85,8 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--calib-samples": positive_int, "--calib-max-length": positive_int, "--batch-size": positive_int,
     "--path-samples": positive_int, "--path-max-length": positive_int, "--ppl-segment-length": at_least_two,
     "--ppl-segments": positive_int, "--tune-steps": non_negative_int, "--tune-batch-size": positive_int,
-    "--tune-micro-batch-size": positive_int, "--tune-max-length": positive_int,
+    "--tune-micro-batch-size": positive_int, "--tune-max-length": positive_int, "--tensor-parallel": positive_int,
+    "--mlp-multiple": positive_int,
     # mop finetune
     "--epochs": positive_float, "--max-steps": positive_int, "--micro-batch-size": positive_int,
     "--lr": positive_float, "--max-length": positive_int, "--rank": positive_int, "--alpha": positive_int,
@@ -168,6 +169,11 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression-of", default="all", choices=COMPRESSIONS,
                         help="what --target measures: all parameters (the paper's c = 1 - P/P0) or the body "
                              "(non-embedding parameters)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="keep query and KV head counts and the MLP width shardable over N devices (vLLM's "
+                             "rules); the model must start so")
+    parser.add_argument("--mlp-multiple", type=int, default=1, metavar="A",
+                        help="keep every shard's MLP width a multiple of A neurons (64 or 128: GEMM-friendly)")
     parser.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
     parser.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
     parser.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
@@ -200,7 +206,7 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,
-        tune_steps_per_iteration=args.tune_steps,
+        tune_steps_per_iteration=args.tune_steps, tensor_parallel=args.tensor_parallel, mlp_multiple=args.mlp_multiple,
         lora=LoraSettings(batch_size=args.tune_batch_size, micro_batch_size=args.tune_micro_batch_size,
                           max_length=args.tune_max_length, activation_checkpointing=not args.no_activation_checkpointing),
     )

@@ -23,7 +23,7 @@ from mop.models.adapters import LayerShape
 from mop.pruning.state import RunState, target_name
 from mop.pruning.surgery import masked_width, prune_width, remove_layer, structural_copy
 from mop.training import LoraSettings, lora_attached, train
-from mop.pruning.width import WidthPlan, lowest_units, plan_width, width_floor
+from mop.pruning.width import Alignment, WidthPlan, WidthUnits, lowest_units, plan_width, width_floor
 
 log = logging.getLogger(__name__)
 MODES = ("mop", "depth", "width")
@@ -56,6 +56,8 @@ class SearchConfig:
     ppl_segments: int | None = None  # None: the whole split
     tune_data: str = "alpaca"
     tune_steps_per_iteration: int = 10  # iteration t tunes each candidate for this × t steps
+    tensor_parallel: int = 1  # width steps leave head counts that shard over this many devices (`Alignment`)
+    mlp_multiple: int = 1  # ... and MLP widths that are multiples of tensor_parallel × this many neurons
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
@@ -70,10 +72,18 @@ class SearchConfig:
                                       ("compression", self.compression_of, COMPRESSIONS)):
             if value not in registry:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
+        if self.tensor_parallel < 1 or self.mlp_multiple < 1:
+            raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
+
+    @property
+    def alignment(self) -> Alignment:
+        return Alignment(self.tensor_parallel, self.mlp_multiple)
 
     def identity(self) -> dict:
-        """Everything that decides the path; the targets only decide where it stops."""
-        return {k: v for k, v in asdict(self).items() if k != "targets"}
+        """Everything that decides the path; the targets only decide where it stops. An alignment of 1 (none)
+        is left out: such runs are the runs made before the option existed, and stay theirs."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "targets" and not (k in ("tensor_parallel", "mlp_multiple") and v == 1)}
 
 
 class Search:
@@ -86,14 +96,18 @@ class Search:
         self.path = PATH_CRITERIA[config.path_criterion]
         self.original_params = count_params(self.model)
         self.embedding_params = embedding_params(self.model)  # no step changes them
-        self.kv_counts = self.adapter.kv_head_counts(self.model)  # None: a width step may leave any group count
+        shape = self.adapter.shape(self.model)
+        if problems := config.alignment.problems(shape):
+            raise MopError(f"{loaded.name} cannot keep the asked alignment: {'; '.join(problems)}")
+        self.units = config.alignment.units(shape, self.adapter.kv_head_counts(self.model))  # what a width step leaves
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
         self._check_reachable()
         RunState.check(out, self.identity)  # fail before any long work if --out holds another run
         self.calibration = self._calibration()
         self.tune_rows = self._tune_rows() if self._scores_candidates else []
         self.reference = self._reference() if self._scores_candidates else PathReference()
-        self.carry = 0.0  # attention accumulator, groups per layer (see mop.width)
+        self.carry = 0.0  # attention accumulator, groups per layer (see mop.pruning.width)
+        self.neuron_carry = 0.0  # MLP accumulator, neurons per layer (with neuron blocks only)
 
     @property
     def model(self) -> nn.Module:
@@ -145,7 +159,7 @@ class Search:
         """Refuse, before any work, targets the mode cannot reach (see `fewest_params`)."""
         layers = self.adapter.layers(self.model)
         floor = fewest_params(self.config.mode, self.adapter.shape(self.model), len(layers), layer_params(layers[0]),
-                              self.original_params, self.kv_counts)
+                              self.original_params, self.units)
         for target in self.config.targets:
             if floor > self.goal(target):
                 raise MopError(f"target {target} cannot be reached in mode {self.config.mode}: at most "
@@ -204,7 +218,7 @@ class Search:
         params_before = count_params(model)
         layer = LAYER_CRITERIA[c.layer_criterion](model, adapter, self.calibration)  # ℓ*
         p_layer = layer_params(layers[layer])  # p_ℓ; c_t = p_ℓ / P(F^(t-1))
-        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry, self.kv_counts)
+        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry, self.units, self.neuron_carry)
         options = [b for b, ok in (("W", c.mode != "depth" and plan.achieved > 0),
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
@@ -221,7 +235,7 @@ class Search:
         if choice == "W":  # the winner is built from F^(t-1)'s own, untuned weights
             removed = removed or self._width_units(model, plan)
             prune_width(model, adapter, removed["groups"], removed["neurons"])
-            self.carry = plan.carry_out
+            self.carry, self.neuron_carry = plan.carry_out, plan.neuron_carry_out
         else:
             remove_layer(model, adapter, layer)
         params = count_params(model)
@@ -240,6 +254,7 @@ class Search:
         if record["choice"] == "W":
             prune_width(self.model, self.adapter, removed["groups"], removed["neurons"])
             self.carry = record["width_plan"]["carry_out"]
+            self.neuron_carry = record["width_plan"].get("neuron_carry_out", 0.0)  # absent from older runs: 0
         else:
             remove_layer(self.model, self.adapter, removed["layer"])
         if count_params(self.model) != record["params"]:
@@ -317,7 +332,7 @@ class Search:
 
 
 def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total: int,
-                  kv_counts: frozenset[int] | None = None) -> int:
+                  units: WidthUnits = WidthUnits()) -> int:
     """The smallest parameter count a search in `mode` reaches from a model of `total` parameters with
     `n_layers` layers of `shape` and `layer` parameters each (shape arithmetic, no weights). Depth keeps two
     layers. Width shrinks every layer as far as the planner goes (`width_floor`: on coarse GQA shapes, where one
@@ -329,8 +344,8 @@ def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total
     if mode == "depth":
         return rest + kept * layer
     if mode == "width":
-        return rest + n_layers * width_floor(shape, n_layers, fixed, kv_counts)
-    return rest + kept * width_floor(shape, kept, fixed, kv_counts)
+        return rest + n_layers * width_floor(shape, n_layers, fixed, units)
+    return rest + kept * width_floor(shape, kept, fixed, units)
 
 
 def texts_or_samples(loaded: LoadedModel, spec: str, n: int, length: int) -> list[str]:

@@ -10,13 +10,61 @@ biases: its head count must keep dividing hidden_size), a step spends the most d
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from mop.models.adapters import LayerShape
 from mop.pruning.criteria import UnitScores
+
+
+@dataclass(frozen=True)
+class WidthUnits:
+    """What a width step may leave in a layer: a KV-group count in `kv_counts` (None: any) and an MLP width
+    that is a multiple of `neuron_block` neurons."""
+
+    kv_counts: frozenset[int] | None = None
+    neuron_block: int = 1
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Shapes a serving engine accepts. Tensor parallelism of degree N in vLLM shards the query heads evenly,
+    the KV heads evenly or, when there are fewer KV heads than N, replicates them (N a multiple of their
+    count), and the MLP evenly; `mlp_multiple` further keeps every shard's MLP width a multiple of a
+    GEMM-friendly block (64 or 128 neurons)."""
+
+    tensor_parallel: int = 1
+    mlp_multiple: int = 1
+
+    @property
+    def neuron_block(self) -> int:
+        return self.tensor_parallel * self.mlp_multiple
+
+    def kv_heads_ok(self, kv_heads: int, n_rep: int) -> bool:
+        n = self.tensor_parallel
+        return (kv_heads * n_rep) % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)
+
+    def problems(self, shape: LayerShape) -> list[str]:
+        """What in `shape` this alignment refuses (empty: nothing)."""
+        found = []
+        if not self.kv_heads_ok(shape.kv_heads, shape.n_rep):
+            found.append(f"{shape.heads} query heads over {shape.kv_heads} KV heads do not shard over "
+                         f"{self.tensor_parallel} devices")
+        if shape.intermediate % self.neuron_block:
+            found.append(f"MLP width {shape.intermediate} is not a multiple of {self.neuron_block} "
+                         f"(tensor parallel {self.tensor_parallel} × MLP multiple {self.mlp_multiple})")
+        return found
+
+    def units(self, shape: LayerShape, kv_counts: frozenset[int] | None) -> WidthUnits:
+        """The units of a width step from `shape`: `kv_counts` (the exportable counts; None: any) restricted
+        to the counts that shard."""
+        counts = kv_counts if kv_counts is not None else frozenset(range(1, shape.kv_heads + 1))
+        if self.tensor_parallel > 1:
+            counts = frozenset(k for k in counts if self.kv_heads_ok(k, shape.n_rep))
+        elif kv_counts is None:
+            counts = None
+        return WidthUnits(counts, self.neuron_block)
 
 
 @dataclass(frozen=True)
@@ -27,6 +75,8 @@ class WidthPlan:
     achieved: int  # parameters this plan removes
     carry_in: float  # attention accumulator before the step (groups per layer)
     carry_out: float  # accumulator after the step, if this candidate is chosen
+    neuron_carry_in: float = 0.0  # MLP accumulator (neurons per layer), carried only with neuron blocks > 1
+    neuron_carry_out: float = 0.0
 
     def record(self) -> dict:
         return asdict(self)
@@ -37,33 +87,38 @@ class WidthPlan:
                        intermediate=shape.intermediate - self.neurons_per_layer)
 
 
-def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float,
-               kv_counts: Collection[int] | None = None) -> WidthPlan:
-    """Split `budget` parameters between attention and MLP in proportion to their share of a layer.
-    `kv_counts`: the KV-group counts a layer may be left with (None: any)."""
+def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float, units: WidthUnits = WidthUnits(),
+               neuron_carry: float = 0.0) -> WidthPlan:
+    """Split `budget` parameters between attention and MLP in proportion to their share of a layer, in the
+    `units` a layer may be left with. `carry` and `neuron_carry`: what earlier width steps left due (groups and
+    neurons per layer)."""
     attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
     row_cost = shape.group_params * n_layers  # one group out of every layer
     due = carry + budget * attention_share / row_cost
     most = max(0, min(math.floor(due), shape.kv_heads - 1, budget // row_cost))
-    groups = max(g for g in range(most + 1) if g == 0 or kv_counts is None or shape.kv_heads - g in kv_counts)
+    groups = max(g for g in range(most + 1) if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts)
     neuron_row = shape.neuron_params * n_layers
-    neurons = round((budget - groups * row_cost) / neuron_row)
-    neurons = max(0, min(neurons, shape.intermediate - 1))
+    block = units.neuron_block
+    wanted = (budget - groups * row_cost) / neuron_row + neuron_carry  # neurons per layer
+    neurons = max(0, min(block * round(wanted / block), shape.intermediate - block))
+    if groups == 0 and neurons == 0 and block > 1 and shape.intermediate > block:
+        neurons = block  # a step always removes something; the excess is carried as a debt
     achieved = groups * row_cost + neurons * neuron_row
-    return WidthPlan(groups, neurons, budget, achieved, carry, due - groups)
+    return WidthPlan(groups, neurons, budget, achieved, carry, due - groups,
+                     neuron_carry, wanted - neurons if block > 1 else 0.0)
 
 
-def width_floor(shape: LayerShape, n_layers: int, fixed: int, kv_counts: Collection[int] | None = None) -> int:
+def width_floor(shape: LayerShape, n_layers: int, fixed: int, units: WidthUnits = WidthUnits()) -> int:
     """Parameters of one layer when width steps alone can remove nothing more: the planner's own sequence of
     shapes, simulated from `shape` (no weights), each step's budget being one layer (`fixed`, the parameters
     no width step removes — norms, o_proj and down_proj biases — plus attention and MLP)."""
-    carry = 0.0
+    carry = neuron_carry = 0.0
     while True:
         layer = fixed + shape.attention_params + shape.mlp_params
-        plan = plan_width(shape, n_layers, layer, carry, kv_counts)
+        plan = plan_width(shape, n_layers, layer, carry, units, neuron_carry)
         if plan.achieved == 0:
             return layer
-        shape, carry = plan.shape_after(shape), plan.carry_out
+        shape, carry, neuron_carry = plan.shape_after(shape), plan.carry_out, plan.neuron_carry_out
 
 
 def lowest_units(scores: list[UnitScores], plan: WidthPlan) -> tuple[list[list[int]], list[list[int]]]:

@@ -32,7 +32,7 @@ from mop.pruning.methods.oneshot import OneShotPruner
 from mop.pruning.search import calibration_batches
 from mop.pruning.state import RunState
 from mop.pruning.surgery import prune_width
-from mop.pruning.width import WidthPlan, lowest_units
+from mop.pruning.width import WidthPlan, WidthUnits, lowest_units
 
 
 @contextmanager
@@ -110,21 +110,24 @@ def taylor_importance(model: nn.Module, adapter: DecoderAdapter, batches: list[B
     return scores
 
 
-def uniform_plan(shape: LayerShape, n_layers: int, budget: int) -> WidthPlan:
+def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnits = WidthUnits()) -> WidthPlan:
     """The KV groups and neurons every layer loses so that `budget` parameters go in all: attention takes its
     share of the layer, as the nearest whole number of groups that fits a layer's part of the budget; the MLP
-    takes the rest, to the nearest neuron. Only if the MLP cannot take the rest (it keeps one neuron) does
-    attention take whole groups more. A layer keeps at least one group and one neuron."""
+    takes the rest, to the nearest neuron (block of `units.neuron_block` neurons). Only if the MLP cannot take
+    the rest (it keeps one block) does attention take whole groups more. A layer keeps at least one group, and
+    only group counts in `units.kv_counts`."""
     per_layer = budget / n_layers
+    block = units.neuron_block
     attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
     groups = min(round(per_layer * attention_share / shape.group_params), shape.kv_heads - 1,
                  int(per_layer // shape.group_params))
-    neurons = round((per_layer - groups * shape.group_params) / shape.neuron_params)
-    if neurons > shape.intermediate - 1:
+    if block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block) > shape.intermediate - block:
         groups = min(shape.kv_heads - 1,
-                     math.ceil((per_layer - (shape.intermediate - 1) * shape.neuron_params) / shape.group_params))
-        neurons = round((per_layer - groups * shape.group_params) / shape.neuron_params)
-    neurons = max(0, min(neurons, shape.intermediate - 1))
+                     math.ceil((per_layer - (shape.intermediate - block) * shape.neuron_params) / shape.group_params))
+    if units.kv_counts is not None:  # the nearest allowed count that removes no more groups than planned
+        groups = max(g for g in range(groups + 1) if g == 0 or shape.kv_heads - g in units.kv_counts)
+    neurons = block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block)
+    neurons = max(0, min(neurons, shape.intermediate - block))
     achieved = n_layers * (groups * shape.group_params + neurons * shape.neuron_params)
     return WidthPlan(groups, neurons, budget, achieved, carry_in=0.0, carry_out=0.0)
 
@@ -132,14 +135,19 @@ def uniform_plan(shape: LayerShape, n_layers: int, budget: int) -> WidthPlan:
 class LLMPruner(OneShotPruner):
     def settings(self) -> dict:
         c = self.config
+        alignment = {k: v for k, v in (("tensor_parallel", c.tensor_parallel), ("mlp_multiple", c.mlp_multiple))
+                     if v != 1}  # as in SearchConfig.identity: no alignment, no entry
         return {"calib": c.calib, "calib_samples": c.calib_samples, "calib_max_length": c.calib_max_length,
-                "batch_size": c.batch_size}
+                "batch_size": c.batch_size, **alignment}
 
     def most_compression(self) -> float:
-        """Every layer keeps one KV group and one neuron."""
-        shape = self.loaded.adapter.shape(self.loaded.model)
-        n_layers = len(self.loaded.adapter.layers(self.loaded.model))
-        removable = (shape.kv_heads - 1) * shape.group_params + (shape.intermediate - 1) * shape.neuron_params
+        """Every layer keeps its fewest allowed KV groups (one, unless aligned) and one neuron (block)."""
+        adapter, model = self.loaded.adapter, self.loaded.model
+        shape, n_layers = adapter.shape(model), len(adapter.layers(model))
+        units = self.config.alignment.units(shape, adapter.kv_head_counts(model))
+        fewest_groups = min(units.kv_counts) if units.kv_counts else 1
+        removable = ((shape.kv_heads - fewest_groups) * shape.group_params
+                     + (shape.intermediate - units.neuron_block) * shape.neuron_params)
         return n_layers * removable / self.original_params
 
     def score(self) -> dict:
@@ -156,7 +164,9 @@ class LLMPruner(OneShotPruner):
         started = time.perf_counter()
         adapter = self.loaded.adapter
         budget = round(self.original_params - self.goal(target))
-        plan = uniform_plan(adapter.shape(model), len(adapter.layers(model)), budget)
+        shape = adapter.shape(model)
+        units = self.config.alignment.units(shape, adapter.kv_head_counts(model))
+        plan = uniform_plan(shape, len(adapter.layers(model)), budget, units)
         unit_scores = [UnitScores(torch.tensor(g, dtype=torch.float64), torch.tensor(n, dtype=torch.float64))
                        for g, n in zip(scores["groups"], scores["neurons"], strict=True)]
         groups, neurons = lowest_units(unit_scores, plan)
