@@ -88,3 +88,41 @@ def test_run_cli_fails_fast_on_a_task_without_data(tiny_dirs, tmp_path, capsys, 
     code = main(["run", str(tiny_dirs["qwen2"]), "--target", "0.2", "--out", str(out), "--tasks", "arc_challenge"])
     assert code == 2 and "arc_challenge" in capsys.readouterr().err
     assert not out.exists()
+
+
+def fake_vllm_record(candidate, baseline, tokenizer, settings) -> dict:
+    """What `benchmark_vllm` returns, with numbers the report must show (the real one is tested in test_vllm)."""
+    timing = lambda seconds: {"mean": seconds, "std": 0.01}
+    return {"vllm_version": "0.32.0", "settings": {"batch": settings.batch},
+            "models": {"candidate": {"end_to_end_s": timing(1.234), "decode_ms_per_token": timing(9.87),
+                                     "throughput_tokens_per_s": timing(321.5)}},
+            "speedup": timing(1.41), "throughput_speedup": timing(1.52)}
+
+
+def test_run_with_vllm_timing_reports_it_and_reruns_nothing(tiny_dirs, tmp_path, stage_calls, monkeypatch):
+    from mop.serving.vllm_bench import VllmBenchSettings
+
+    monkeypatch.setattr(mop.pipeline, "find_vllm_python", lambda: (tmp_path, ""))
+    monkeypatch.setattr(mop.pipeline, "benchmark_vllm", fake_vllm_record)
+    out = tmp_path / "run"
+    config = tiny_config([0], recovery=None, latency=None, tasks=["wikitext"],
+                         vllm_latency=VllmBenchSettings(LatencySettings(runs=3, warmup=1), batch=5))
+    run_pipeline(str(tiny_dirs["llama-gqa"]), config, out)
+    assert sorted(stage_calls) == ["eval.json", "target-20.json", "target-20.vllm.json", "target-40.json",
+                                   "target-40.vllm.json"]
+    report = (out / "report.md").read_text()
+    assert "## Latency in vLLM" in report and "5 concurrent requests" in report
+    assert "| target-40 | seed 0 | 1.234 | 9.87 | 1.41 ± 0.01× | 321.5 | 1.52× |" in report
+    stage_calls.clear()
+    run_pipeline(str(tiny_dirs["llama-gqa"]), config, out)
+    assert stage_calls == []
+
+
+def test_vllm_timing_without_vllm_is_refused_before_work(tiny_dirs, tmp_path, monkeypatch):
+    from mop.serving.vllm_bench import VllmBenchSettings
+
+    monkeypatch.setenv("MOP_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    out = tmp_path / "run"
+    with pytest.raises(MopError, match="vLLM not found"):
+        run_pipeline(str(tiny_dirs["llama-gqa"]), tiny_config([0], vllm_latency=VllmBenchSettings()), out)
+    assert not out.exists()

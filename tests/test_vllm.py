@@ -201,3 +201,32 @@ def test_mop_check_without_vllm_is_one_line(monkeypatch, tmp_path, capsys, tiny_
     assert mop(["check", str(tiny_dirs["mistral"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mop: error: vLLM not found") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_in_vllm_follows_the_protocol(vllm_python, checkpoints, tmp_path):
+    """`mop bench --engine vllm`: both models served side by side, every run kept raw, exactly the asked tokens,
+    and speedups that are the per-run ratios of those raw times."""
+    candidate = checkpoints["llama-mha-depth"]
+    output = tmp_path / "bench.json"
+    assert mop(["bench", str(candidate), "--engine", "vllm", "--runs", "4", "--warmup", "1", "--new-tokens", "8",
+                "--batch", "3", "--batch-runs", "3", "--output", str(output)]) == 0
+    record = json.loads(output.read_text())
+    assert record["engine"] == "vllm" and record["vllm_version"]
+    baseline, pruned = record["models"]["baseline"], record["models"]["candidate"]
+    assert baseline["name"] == json.loads((candidate / "mop.json").read_text())["source"]["name"]
+    for model in (baseline, pruned):
+        raw = model["raw"]
+        assert len(raw["end_to_end_s"]) == len(raw["first_token_s"]) == 4 and raw["batch_new_tokens"] == [24] * 3
+        assert all(0 < f < e for f, e in zip(raw["first_token_s"], raw["end_to_end_s"]))
+        throughput = [24 / s for s in raw["batch_s"][1:]]
+        assert model["throughput_tokens_per_s"]["mean"] == pytest.approx(sum(throughput) / 2)
+    ratios = [b / c for b, c in zip(baseline["raw"]["end_to_end_s"][1:], pruned["raw"]["end_to_end_s"][1:])]
+    assert record["speedup"]["mean"] == pytest.approx(sum(ratios) / 3) and record["speedup"]["runs"] == 3
+    assert len(record["prompt"]["ids"]) == 12
+
+
+def test_bench_in_vllm_refuses_without_vllm(tiny_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOP_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    output = tmp_path / "bench.json"
+    assert mop(["bench", str(tiny_dirs["llama-gqa"]), "--engine", "vllm", "--output", str(output)]) == 2
+    assert "vLLM not found" in capsys.readouterr().err and not output.exists()

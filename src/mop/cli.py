@@ -95,12 +95,14 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--limit": positive_int,
     # mop bench
     "--runs": positive_int, "--warmup": non_negative_int, "--prompt-tokens": positive_int,
-    "--new-tokens": at_least_two, "--prefill-tokens": positive_int,
+    "--new-tokens": at_least_two, "--prefill-tokens": positive_int, "--batch": positive_int,
+    "--batch-runs": at_least_two,
     # mop run
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
+    "--bench-batch": positive_int,
     # mop check
     "--max-new-tokens": positive_int, "--top-logprobs": positive_int, "--atol": positive_float,
 }
@@ -403,6 +405,10 @@ def register_bench(commands) -> None:
     bench.add_argument("--prompt-tokens", type=int, default=12)
     bench.add_argument("--new-tokens", type=int, default=128, help="exactly this many greedy tokens (EOS ignored)")
     bench.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill throughput")
+    bench.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                       help="time in transformers (here) or in vLLM (its own environment, see mop check)")
+    bench.add_argument("--batch", type=int, default=16, help="vLLM: concurrent requests of the throughput measurement")
+    bench.add_argument("--batch-runs", type=int, default=4, help="vLLM: throughput runs per model (the first discarded)")
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -414,12 +420,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens)
     settings.validate()  # before the models load
     _check_output(args.output)
+    if args.engine == "vllm":
+        return _bench_vllm(args, settings)
     candidate = load_model(args.model, args.device, args.dtype)
     if args.baseline:
         baseline = load_model(args.baseline, args.device, args.dtype)
     else:
         baseline = source_baseline(candidate, args.device, args.dtype)
     record = benchmark(candidate, baseline, settings)
+    _write_record(args.output, record, summary_table(record))
+
+
+def _bench_vllm(args: argparse.Namespace, latency) -> None:
+    from transformers import AutoTokenizer
+
+    from mop.latency import source_name
+    from mop.models.loading import resolve_model_dir
+    from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm, summary_table
+
+    settings = VllmBenchSettings(latency, batch=args.batch, batch_runs=args.batch_runs, dtype=args.dtype)
+    settings.validate()
+    directory = resolve_model_dir(args.model)
+    baseline = args.baseline or source_name(directory)
+    record = benchmark_vllm(args.model, baseline, AutoTokenizer.from_pretrained(directory), settings)
     _write_record(args.output, record, summary_table(record))
 
 
@@ -466,6 +489,9 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     latency.add_argument("--no-bench", action="store_true", help="do not time the checkpoints")
     latency.add_argument("--bench-runs", type=int, default=20)
     latency.add_argument("--bench-warmup", type=int, default=10)
+    latency.add_argument("--bench-vllm", action="store_true",
+                         help="time every checkpoint in vLLM too (batch 1 and throughput; needs vLLM, see mop check)")
+    latency.add_argument("--bench-batch", type=int, default=16, help="vLLM throughput: concurrent requests")
 
 
 def _seed_list(spec: str) -> list[int]:
@@ -495,6 +521,7 @@ def _pipeline_config(args: argparse.Namespace):
     from mop.latency import LatencySettings
     from mop.models.loading import resolve_model_dir
     from mop.pipeline import PipelineConfig
+    from mop.serving.vllm_bench import VllmBenchSettings
     from mop.training import FinetuneConfig
     from mop.training.recovery import recovery_lora
 
@@ -510,6 +537,8 @@ def _pipeline_config(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size, ppl_segment_length=args.eval_ppl_segment_length,
         ppl_segments=args.eval_ppl_segments,
         latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
+        vllm_latency=VllmBenchSettings(LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
+                                       batch=args.bench_batch, dtype=args.dtype) if args.bench_vllm else None,
         device=args.device, dtype=args.dtype)
     config.validate()
     if recovery is not None:

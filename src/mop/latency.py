@@ -289,19 +289,27 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
-def source_baseline(candidate: LoadedModel, device: str, dtype: str) -> LoadedModel | None:
-    """The source model named in the candidate's `mop.json` (`source.name`), loaded like the candidate; None for
-    a model that `mop` did not write."""
-    provenance = candidate.directory / "mop.json"
+def source_name(directory: Path) -> str | None:
+    """The source model named in the `mop.json` of `directory` (`source.name`); None for a model that `mop`
+    did not write."""
+    provenance = directory / "mop.json"
     if not provenance.is_file():
         return None
     try:
-        source = json.loads(provenance.read_text())["source"]
-        name = source["name"]
+        return json.loads(provenance.read_text())["source"]["name"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise MopError(f"{provenance} is corrupt or names no source model; give --baseline") from None
-    log.info("baseline: %s (the source named in %s)", name, provenance)
+
+
+def source_baseline(candidate: LoadedModel, device: str, dtype: str) -> LoadedModel | None:
+    """The source model named in the candidate's `mop.json`, loaded like the candidate; None for a model that
+    `mop` did not write."""
+    name = source_name(candidate.directory)
+    if name is None:
+        return None
+    log.info("baseline: %s (the source named in %s)", name, candidate.directory / "mop.json")
     baseline = load_model(name, device, dtype)
+    source = json.loads((candidate.directory / "mop.json").read_text())["source"]
     if baseline.weights_sha256 != source.get("sha256"):
         log.warning("the weights of %s differ from those %s was pruned from", name, candidate.directory)
     return baseline

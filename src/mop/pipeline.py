@@ -6,6 +6,7 @@ recovery fine-tuning, zero-shot evaluation and latency of every checkpoint, then
     OUT/seed-S/prune/                  the search (run.json, target-XX/ checkpoints)
     OUT/seed-S/recovered/target-XX/    the recovered checkpoint (plain HF + mop.json)
     OUT/seed-S/{eval,bench}/target-XX.json
+    OUT/seed-S/bench/target-XX.vllm.json   the latency and throughput in vLLM (`--bench-vllm`)
     OUT/report.md, OUT/*.png, OUT/results.json
 
 Every stage writes its output atomically and is skipped when that output exists, so an interrupted run carries
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from mop.errors import MopError
 from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
 from mop.latency import LatencySettings, benchmark
@@ -27,6 +30,8 @@ from mop.models import load_model
 from mop.pruning import methods
 from mop.pruning.search import SearchConfig, target_name
 from mop.provenance import write_json_atomic
+from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm
+from mop.serving.vllm_check import find_vllm_python
 from mop.training import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class PipelineConfig:
     ppl_segment_length: int = 2048
     ppl_segments: int | None = None  # None: eval_limit
     latency: LatencySettings | None = field(default_factory=LatencySettings)  # None: no timing
+    vllm_latency: VllmBenchSettings | None = None  # also time in vLLM (its own environment); None: not
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -57,6 +63,10 @@ class PipelineConfig:
         validate_settings(self.eval_limit, self.eval_batch_size, self.ppl_segment_length, self.ppl_segments)
         if self.latency is not None:
             self.latency.validate()
+        if self.vllm_latency is not None:
+            self.vllm_latency.validate()
+            if find_vllm_python()[0] is None:
+                raise MopError(f"vLLM not found for the vLLM timing: {find_vllm_python()[1]}")
 
     def identity(self) -> dict:
         """Settings that decide the results; seeds and targets may grow between runs of one directory, and the
@@ -64,6 +74,7 @@ class PipelineConfig:
         settings = asdict(self)
         settings.pop("seeds")
         settings.pop("latency")
+        settings.pop("vllm_latency")
         settings["search"] = {k: v for k, v in settings["search"].items() if k not in ("targets", "seed")}
         return settings
 
@@ -138,13 +149,18 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
         candidate = load_model(checkpoint, config.device, config.dtype)
         return benchmark(candidate, load_model(model, config.device, config.dtype), config.latency)
 
+    def timed_in_vllm(checkpoint: str) -> dict:
+        return benchmark_vllm(checkpoint, model, AutoTokenizer.from_pretrained(checkpoint), config.vllm_latency)
+
     stage(dense or out / "dense" / "eval.json", lambda: evaluated(model), f"evaluate {model}")
     for seed in config.seeds:
         seed_dir = out / f"seed-{seed}"
         evaluation = lambda name: seed_dir / "eval" / f"{name}.json"
         timing = lambda name: seed_dir / "bench" / f"{name}.json"
-        pending = [target_name(t) for t in sorted(config.search.targets)
-                   if not evaluation(target_name(t)).is_file() or config.latency and not timing(target_name(t)).is_file()]
+        vllm_timing = lambda name: seed_dir / "bench" / f"{name}.vllm.json"
+        pending = [name for name in map(target_name, sorted(config.search.targets))
+                   if not evaluation(name).is_file() or config.latency and not timing(name).is_file()
+                   or config.vllm_latency and not vllm_timing(name).is_file()]
         if not pending:  # every result of this seed is in (its checkpoints may be gone: a fresh machine)
             continue
         checkpoints = prune(model, config, seed, seed_dir / "prune")
@@ -160,4 +176,6 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
             if config.latency is not None:  # latency depends on the shapes only: the pruned checkpoint has the
                 # recovered one's, and is timed when the recovered one is gone
                 stage(timing(name), lambda: timed(str(final)), f"seed {seed}, {name}: latency")
+            if config.vllm_latency is not None:
+                stage(vllm_timing(name), lambda: timed_in_vllm(str(final)), f"seed {seed}, {name}: latency in vLLM")
     return write_report(out, model, config, dense) if report else None

@@ -36,8 +36,9 @@ def task_stderrs(evaluation: dict) -> dict[str, float | None]:
             for task, metrics in evaluation["tasks"].items() if task != PERPLEXITY_TASK}
 
 
-def result_row(evaluation: dict, provenance: dict | None, latency: dict | None) -> dict:
-    """One checkpoint's numbers: compression, parameters, path, perplexity, task scores, average, latency."""
+def result_row(evaluation: dict, provenance: dict | None, latency: dict | None, vllm: dict | None = None) -> dict:
+    """One checkpoint's numbers: compression, parameters, path, perplexity, task scores, average, latency (in
+    transformers, and in vLLM when timed there)."""
     perplexity = evaluation["tasks"].get(PERPLEXITY_TASK, {}).get("perplexity")
     row = {"params": evaluation["model"]["params"], "perplexity": perplexity, "tasks": task_scores(evaluation),
            # a VLM's whole model beside its language model (`params`, what the compression counts)
@@ -53,6 +54,14 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None) 
                    baseline_latency_s=latency["models"]["baseline"]["end_to_end_s"]["mean"],
                    speedup=latency["speedup"]["mean"], speedup_std=latency["speedup"]["std"],
                    device=latency["device"], dtype=latency["dtype"])
+    if vllm is not None:
+        candidate = vllm["models"]["candidate"]
+        row.update(vllm_latency_s=candidate["end_to_end_s"]["mean"],
+                   vllm_decode_ms_per_token=candidate["decode_ms_per_token"]["mean"],
+                   vllm_throughput=candidate["throughput_tokens_per_s"]["mean"],
+                   vllm_speedup=vllm["speedup"]["mean"], vllm_speedup_std=vllm["speedup"]["std"],
+                   vllm_throughput_speedup=vllm["throughput_speedup"]["mean"], vllm_version=vllm["vllm_version"],
+                   vllm_batch=vllm["settings"]["batch"])
     return row
 
 
@@ -67,7 +76,8 @@ def collect(out: Path, targets: list[float], seeds: list[int], recovered: bool, 
             evaluation = _read(seed_dir / "eval" / f"{name}.json")
             if evaluation is not None:
                 rows.setdefault(name, {})[seed] = result_row(
-                    evaluation, _read(checkpoint / "mop.json"), _read(seed_dir / "bench" / f"{name}.json"))
+                    evaluation, _read(checkpoint / "mop.json"), _read(seed_dir / "bench" / f"{name}.json"),
+                    _read(seed_dir / "bench" / f"{name}.vllm.json"))
     dense = result_row(_read(dense or out / "dense" / "eval.json"), None, None)
     dense.update(compression=0.0, path="", speedup=1.0, speedup_std=0.0)
     baselines = [r["baseline_latency_s"] for per_seed in rows.values() for r in per_seed.values() if "latency_s" in r]
@@ -153,6 +163,19 @@ def markdown(results: dict, model: str, settings: dict) -> str:
                             f"{r['speedup']:.2f} ± {r['speedup_std']:.2f}×"]
                            for name, per_seed in checkpoints.items() for seed, r in sorted(per_seed.items())
                            if "latency_s" in r]), ""]
+    served = [r for per_seed in checkpoints.values() for r in per_seed.values() if "vllm_speedup" in r]
+    if served:
+        lines += ["## Latency in vLLM", "",
+                  f"vLLM {served[0]['vllm_version']} (`--bench-vllm`): the same prompt, tokens, runs and alternation, "
+                  f"both models served side by side; throughput with {served[0]['vllm_batch']} concurrent requests. "
+                  "Protocol and raw runs in `seed-S/bench/target-XX.vllm.json`.", "",
+                  *_table(["target", "seed", "end-to-end s", "decode ms/token", "speedup", "tokens/s (batch)",
+                           "throughput speedup"],
+                          [[name, f"seed {seed}", f"{r['vllm_latency_s']:.3f}", f"{r['vllm_decode_ms_per_token']:.2f}",
+                            f"{r['vllm_speedup']:.2f} ± {r['vllm_speedup_std']:.2f}×", f"{r['vllm_throughput']:.1f}",
+                            f"{r['vllm_throughput_speedup']:.2f}×"]
+                           for name, per_seed in checkpoints.items() for seed, r in sorted(per_seed.items())
+                           if "vllm_speedup" in r]), ""]
     lines += ["## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
 
