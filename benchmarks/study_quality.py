@@ -49,6 +49,8 @@ CELLS = [
     ("mop-cosine", "mop-cosine:path_criterion=cosine,tune_steps_per_iteration=1,path_samples=32", 0),
     ("mop-ppl", "mop-ppl:path_criterion=ppl,tune_steps_per_iteration=1,ppl_segments=4", 0),
     ("mop-bi", "mop-bi", 0),
+    # issue 12: what serving alignment costs — MoP seed 0 with the MLP kept in 64-neuron blocks
+    ("mop-mlp64", "mop-mlp64:mlp_multiple=64", 0),
 ]
 
 
