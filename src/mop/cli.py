@@ -99,7 +99,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--batch-runs": at_least_two,
     # mop run
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
-    "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int,
+    "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
     "--bench-batch": positive_int,
@@ -478,6 +478,7 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recovery-batch-size", type=int, default=16)
     recovery.add_argument("--recovery-micro-batch-size", type=int, default=4)
     recovery.add_argument("--recovery-max-length", type=int, default=512)
+    recovery.add_argument("--recovery-lr", type=float, default=3e-4, help="LoRA learning rate (the paper's 3e-4)")
     evaluation = run.add_argument_group("evaluation (mop eval)")
     evaluation.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,wikitext")
     evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
@@ -530,6 +531,7 @@ def _pipeline_config(args: argparse.Namespace):
         method=args.recovery_method, lora=recovery_lora(args.model, batch_size=args.recovery_batch_size,
                                                         micro_batch_size=args.recovery_micro_batch_size,
                                                         max_length=args.recovery_max_length,
+                                                        learning_rate=args.recovery_lr,
                                                         activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
