@@ -33,8 +33,10 @@ RESULTS = ROOT / "docs" / "benchmarks" / "vllm.json"
 COMMAND = "MOP_DATA_DIR=../shared/data python benchmarks/bench_vllm.py"
 PRUNE = {  # run directory -> mop prune arguments
     "mop": ["--target", "0.2", "--target", "0.3", "--target", "0.4", "--seed", "0"],
-    "width": ["--mode", "width", "--target", "0.2"],
-    "width-mlp64": ["--mode", "width", "--target", "0.2", "--mlp-multiple", "64"],
+    # the shapes of a width run do not depend on the calibration (it picks which units go, not how many): a
+    # small one makes these quick
+    "width": ["--mode", "width", "--target", "0.2", "--calib-samples", "16"],
+    "width-mlp64": ["--mode", "width", "--target", "0.2", "--mlp-multiple", "64", "--calib-samples", "16"],
 }
 CASES = ["mop/target-20", "mop/target-30", "mop/target-40", "width/target-20", "width-mlp64/target-20"]
 TRANSFORMERS_TOO = {"width/target-20", "width-mlp64/target-20"}  # the alignment question, in both engines

@@ -24,6 +24,8 @@ WORK = ROOT / "runs" / "readme-job"
 DOCS = ROOT / "docs" / "study" / "readme-job"
 CALIB = ["--calib-samples", "32"]  # the job's calibration: 32 Alpaca prompts (the paper: 128)
 SEARCHES = {  # search name -> mop prune options; targets 10/15/20% of all parameters
+    "mop": [],  # the paper's defaults: third-to-last layer, random path, seed 0
+    "depth": ["--mode", "depth"],
     "width": ["--mode", "width"],
     "depth-bi": ["--mode", "depth", "--layer-criterion", "block_influence"],
     "mop-bi": ["--layer-criterion", "block_influence"],

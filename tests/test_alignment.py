@@ -11,6 +11,7 @@ from conftest import VOCAB, random_model
 from mop.cli import main
 from mop.models import count_params, load_model
 from mop.models.adapters import LayerShape
+from mop.pipeline import PipelineConfig
 from mop.pruning.methods.llm_pruner import uniform_plan
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.width import Alignment, plan_width
@@ -108,6 +109,9 @@ def test_alignment_is_in_the_identity_only_when_asked():
     """Runs without alignment keep the identity they had before the option existed (their directories resume)."""
     assert "tensor_parallel" not in SearchConfig(targets=[0.2]).identity()
     assert SearchConfig(targets=[0.2], tensor_parallel=2).identity()["tensor_parallel"] == 2
+    pipeline = PipelineConfig(search=SearchConfig(targets=[0.2])).identity()["search"]  # mop run / mop compare
+    assert "mlp_multiple" not in pipeline and "targets" not in pipeline and "seed" not in pipeline
+    assert PipelineConfig(search=SearchConfig(targets=[0.2], mlp_multiple=64)).identity()["search"]["mlp_multiple"] == 64
 
 
 @pytest.mark.parametrize(("option", "message"), [

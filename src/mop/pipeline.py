@@ -75,7 +75,7 @@ class PipelineConfig:
         settings.pop("seeds")
         settings.pop("latency")
         settings.pop("vllm_latency")
-        settings["search"] = {k: v for k, v in settings["search"].items() if k not in ("targets", "seed")}
+        settings["search"] = {k: v for k, v in self.search.identity().items() if k != "seed"}
         return settings
 
 
