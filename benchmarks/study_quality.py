@@ -29,7 +29,7 @@ RUNS = ROOT / "runs" / "study"
 DOCS = ROOT / "docs" / "study" / "smollm2"
 MODEL = "smollm2-135m"
 
-# One recovery budget for every method: one epoch of the local Alpaca subset (999 rows, 62 steps of 16 rows of at
+# One recovery budget for every method: one epoch of the local Alpaca subset (999 rows, 63 steps of 16 rows of at
 # most 256 tokens; the paper: 2 epochs of 52k rows of 512 — `--recovery-epochs 2 --recovery-max-length 512` with
 # the 52k file on a GPU). Tasks on fixed first-N document subsets, perplexity on the first 32 segments of the
 # standard WikiText-2 protocol (of 148).
