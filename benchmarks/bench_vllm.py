@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from mop.latency import LatencySettings, benchmark
 from mop.models import load_model
 from mop.provenance import write_json_atomic
@@ -58,8 +56,7 @@ def measure(case: str, settings: VllmBenchSettings) -> dict:
     record = {"checkpoint": {"case": case, "compression": provenance["compression"], "path": provenance["path"],
                              "params": provenance["params"], "layers": config["num_hidden_layers"],
                              "kv_heads": config["num_key_value_heads"], "mlp": config["intermediate_size"]},
-              "vllm": benchmark_vllm(str(directory), "smollm2-135m", AutoTokenizer.from_pretrained(directory),
-                                     settings)}
+              "vllm": benchmark_vllm(str(directory), "smollm2-135m", settings)}
     if case in TRANSFORMERS_TOO:
         record["transformers"] = benchmark(load_model(str(directory)), load_model("smollm2-135m"), settings.latency)
     return record

@@ -90,7 +90,7 @@ def test_run_cli_fails_fast_on_a_task_without_data(tiny_dirs, tmp_path, capsys, 
     assert not out.exists()
 
 
-def fake_vllm_record(candidate, baseline, tokenizer, settings) -> dict:
+def fake_vllm_record(candidate, baseline, settings) -> dict:
     """What `benchmark_vllm` returns, with numbers the report must show (the real one is tested in test_vllm)."""
     timing = lambda seconds: {"mean": seconds, "std": 0.01}
     return {"vllm_version": "0.32.0", "settings": {"batch": settings.batch},

@@ -59,6 +59,7 @@ def _checked(convert: Callable[[str], object], valid: Callable, expected: str) -
 positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 at_least_two = _checked(int, lambda v: v >= 2, "an integer >= 2")
+at_least_three = _checked(int, lambda v: v >= 3, "an integer >= 3")
 positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
 ratio = _checked(float, lambda v: 0 < v < 1, "a ratio in (0, 1)")
 probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
@@ -96,7 +97,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     # mop bench
     "--runs": positive_int, "--warmup": non_negative_int, "--prompt-tokens": positive_int,
     "--new-tokens": at_least_two, "--prefill-tokens": positive_int, "--batch": positive_int,
-    "--batch-runs": at_least_two,
+    "--batch-runs": at_least_three,
     # mop run
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
@@ -432,17 +433,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _bench_vllm(args: argparse.Namespace, latency) -> None:
-    from transformers import AutoTokenizer
-
-    from mop.latency import source_name
+    from mop.latency import source_of
     from mop.models.loading import resolve_model_dir
     from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm, summary_table
 
     settings = VllmBenchSettings(latency, batch=args.batch, batch_runs=args.batch_runs, dtype=args.dtype)
-    settings.validate()
-    directory = resolve_model_dir(args.model)
-    baseline = args.baseline or source_name(directory)
-    record = benchmark_vllm(args.model, baseline, AutoTokenizer.from_pretrained(directory), settings)
+    baseline = args.baseline or (source_of(resolve_model_dir(args.model)) or {}).get("name")
+    record = benchmark_vllm(args.model, baseline, settings)
     _write_record(args.output, record, summary_table(record))
 
 

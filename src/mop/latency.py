@@ -289,27 +289,30 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
-def source_name(directory: Path) -> str | None:
-    """The source model named in the `mop.json` of `directory` (`source.name`); None for a model that `mop`
-    did not write."""
+def source_of(directory: Path) -> dict | None:
+    """The source model recorded in the `mop.json` of `directory` (`name`, `sha256`); None for a model that
+    `mop` did not write."""
     provenance = directory / "mop.json"
     if not provenance.is_file():
         return None
     try:
-        return json.loads(provenance.read_text())["source"]["name"]
+        source = json.loads(provenance.read_text())["source"]
+        if isinstance(source, dict) and "name" in source:
+            return source
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise MopError(f"{provenance} is corrupt or names no source model; give --baseline") from None
+        pass
+    raise MopError(f"{provenance} is corrupt or names no source model; give --baseline")
 
 
 def source_baseline(candidate: LoadedModel, device: str, dtype: str) -> LoadedModel | None:
     """The source model named in the candidate's `mop.json`, loaded like the candidate; None for a model that
     `mop` did not write."""
-    name = source_name(candidate.directory)
-    if name is None:
+    source = source_of(candidate.directory)
+    if source is None:
         return None
+    name = source["name"]
     log.info("baseline: %s (the source named in %s)", name, candidate.directory / "mop.json")
     baseline = load_model(name, device, dtype)
-    source = json.loads((candidate.directory / "mop.json").read_text())["source"]
     if baseline.weights_sha256 != source.get("sha256"):
         log.warning("the weights of %s differ from those %s was pruned from", name, candidate.directory)
     return baseline

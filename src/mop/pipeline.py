@@ -21,8 +21,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from mop.errors import MopError
 from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
 from mop.latency import LatencySettings, benchmark
@@ -65,8 +63,9 @@ class PipelineConfig:
             self.latency.validate()
         if self.vllm_latency is not None:
             self.vllm_latency.validate()
-            if find_vllm_python()[0] is None:
-                raise MopError(f"vLLM not found for the vLLM timing: {find_vllm_python()[1]}")
+            python, why = find_vllm_python()
+            if python is None:
+                raise MopError(f"vLLM not found for the vLLM timing: {why}")
 
     def identity(self) -> dict:
         """Settings that decide the results; seeds and targets may grow between runs of one directory, and the
@@ -150,7 +149,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
         return benchmark(candidate, load_model(model, config.device, config.dtype), config.latency)
 
     def timed_in_vllm(checkpoint: str) -> dict:
-        return benchmark_vllm(checkpoint, model, AutoTokenizer.from_pretrained(checkpoint), config.vllm_latency)
+        return benchmark_vllm(checkpoint, model, config.vllm_latency)
 
     stage(dense or out / "dense" / "eval.json", lambda: evaluated(model), f"evaluate {model}")
     for seed in config.seeds:

@@ -97,8 +97,7 @@ class Search:
         self.original_params = count_params(self.model)
         self.embedding_params = embedding_params(self.model)  # no step changes them
         shape = self.adapter.shape(self.model)
-        if problems := config.alignment.problems(shape):
-            raise MopError(f"{loaded.name} cannot keep the asked alignment: {'; '.join(problems)}")
+        config.alignment.check(shape, loaded.name)
         self.units = config.alignment.units(shape, self.adapter.kv_head_counts(self.model))  # what a width step leaves
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
         self._check_reachable()

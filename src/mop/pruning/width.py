@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from mop.errors import MopError
 from mop.models.adapters import LayerShape
 from mop.pruning.criteria import UnitScores
 
@@ -56,15 +57,18 @@ class Alignment:
                          f"(tensor parallel {self.tensor_parallel} × MLP multiple {self.mlp_multiple})")
         return found
 
+    def check(self, shape: LayerShape, model: str) -> None:
+        """Refuse, before any work, a model whose own shape this alignment refuses (steps keep, never make it)."""
+        if problems := self.problems(shape):
+            raise MopError(f"{model} cannot keep the asked alignment: {'; '.join(problems)}")
+
     def units(self, shape: LayerShape, kv_counts: frozenset[int] | None) -> WidthUnits:
         """The units of a width step from `shape`: `kv_counts` (the exportable counts; None: any) restricted
         to the counts that shard."""
-        counts = kv_counts if kv_counts is not None else frozenset(range(1, shape.kv_heads + 1))
-        if self.tensor_parallel > 1:
-            counts = frozenset(k for k in counts if self.kv_heads_ok(k, shape.n_rep))
-        elif kv_counts is None:
-            counts = None
-        return WidthUnits(counts, self.neuron_block)
+        if self.tensor_parallel == 1:
+            return WidthUnits(kv_counts, self.neuron_block)
+        counts = range(1, shape.kv_heads + 1) if kv_counts is None else kv_counts
+        return WidthUnits(frozenset(k for k in counts if self.kv_heads_ok(k, shape.n_rep)), self.neuron_block)
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,12 @@ def _engine(directory: Path) -> dict:
     return {"model": str(directory), "hf_overrides": serving_overrides(config)}
 
 
-def benchmark_vllm(candidate: str, baseline: str | None, tokenizer, settings: VllmBenchSettings,
+def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSettings,
                    python: Path | None = None) -> dict:
-    """The vLLM latency and throughput record of `candidate` (a model name or directory), against `baseline`."""
+    """The vLLM latency and throughput record of `candidate` (a model name or directory), against `baseline`;
+    the prompts are the candidate tokenizer's ids of the fixed passage."""
+    from transformers import AutoTokenizer
+
     settings.validate()
     if python is None:
         python, why = find_vllm_python()
@@ -70,6 +73,7 @@ def benchmark_vllm(candidate: str, baseline: str | None, tokenizer, settings: Vl
     latency = settings.latency
     roles = {"baseline": baseline, "candidate": candidate} if baseline is not None else {"candidate": candidate}
     directories = {role: resolve_model_dir(name) for role, name in roles.items()}
+    tokenizer = AutoTokenizer.from_pretrained(directories["candidate"])
     prompt = fixed_prompt(tokenizer, latency.prompt_tokens)[0].tolist()
     passage = fixed_prompt(tokenizer, latency.prompt_tokens * settings.batch)[0].tolist()
     batch = [passage[i * latency.prompt_tokens:(i + 1) * latency.prompt_tokens] for i in range(settings.batch)]

@@ -118,16 +118,20 @@ def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnit
     only group counts in `units.kv_counts`."""
     per_layer = budget / n_layers
     block = units.neuron_block
+
+    def mlp_rest(groups: int) -> int:
+        """Neurons (whole blocks) that take a layer's budget beside `groups` KV groups."""
+        return block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block)
+
     attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
     groups = min(round(per_layer * attention_share / shape.group_params), shape.kv_heads - 1,
                  int(per_layer // shape.group_params))
-    if block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block) > shape.intermediate - block:
+    if mlp_rest(groups) > shape.intermediate - block:
         groups = min(shape.kv_heads - 1,
                      math.ceil((per_layer - (shape.intermediate - block) * shape.neuron_params) / shape.group_params))
     if units.kv_counts is not None:  # the nearest allowed count that removes no more groups than planned
         groups = max(g for g in range(groups + 1) if g == 0 or shape.kv_heads - g in units.kv_counts)
-    neurons = block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block)
-    neurons = max(0, min(neurons, shape.intermediate - block))
+    neurons = max(0, min(mlp_rest(groups), shape.intermediate - block))
     achieved = n_layers * (groups * shape.group_params + neurons * shape.neuron_params)
     return WidthPlan(groups, neurons, budget, achieved, carry_in=0.0, carry_out=0.0)
 
@@ -135,8 +139,7 @@ def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnit
 class LLMPruner(OneShotPruner):
     def settings(self) -> dict:
         c = self.config
-        alignment = {k: v for k, v in (("tensor_parallel", c.tensor_parallel), ("mlp_multiple", c.mlp_multiple))
-                     if v != 1}  # as in SearchConfig.identity: no alignment, no entry
+        alignment = {k: v for k, v in c.identity().items() if k in ("tensor_parallel", "mlp_multiple")}  # if asked
         return {"calib": c.calib, "calib_samples": c.calib_samples, "calib_max_length": c.calib_max_length,
                 "batch_size": c.batch_size, **alignment}
 

@@ -34,8 +34,7 @@ class OneShotPruner(ABC):
         self.loaded, self.config, self.out = loaded, config, out
         self.original_params = count_params(loaded.model)
         self.original_embedding_params = embedding_params(loaded.model)
-        if problems := config.alignment.problems(loaded.adapter.shape(loaded.model)):
-            raise MopError(f"{loaded.name} cannot keep the asked alignment: {'; '.join(problems)}")
+        config.alignment.check(loaded.adapter.shape(loaded.model), loaded.name)
         most = self.most_compression()
         if config.compression_of == "body":  # the same parameters removed, as a share of the body
             most *= self.original_params / (self.original_params - self.original_embedding_params)
