@@ -89,3 +89,14 @@ def test_compare_refuses_other_shared_settings(tiny_dirs, tmp_path, capsys):
                     dict([parse_method("depth")]), out)
     code = main(["compare", str(tiny_dirs["mistral"]), "--methods", "nonsense", "--target", "0.2", "--out", str(out)])
     assert code == 2 and "unknown method nonsense" in capsys.readouterr().err
+
+
+def test_compare_refuses_an_unreachable_target_of_any_method_before_writing_anything(tiny_dirs, tmp_path):
+    """The mixture reaches 0.7 on the tiny LLaMA, depth-only at most 0.5662 (see test_resume_and_errors): the
+    first method's run, the shared settings and the dense evaluation are not started."""
+    out = tmp_path / "compare"
+    config = tiny_config(recovery=None, tasks=["wikitext"], search=SearchConfig(targets=[0.7], calib_samples=4,
+                                                                                  calib_max_length=32))
+    with pytest.raises(MopError, match="target 0.7 cannot be reached in mode depth"):
+        run_compare(str(tiny_dirs["llama-gqa"]), config, dict(map(parse_method, ["mop", "depth"])), out)
+    assert not out.exists()

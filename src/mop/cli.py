@@ -214,10 +214,9 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
                           max_length=args.tune_max_length, activation_checkpointing=not args.no_activation_checkpointing),
     )
     config.validate()
-    from mop.pruning.methods import PRUNING_METHODS
+    from mop.pruning.methods import known
 
-    if config.method not in PRUNING_METHODS:
-        raise MopError(f"unknown pruning method {config.method}; choose one of {', '.join(PRUNING_METHODS)}")
+    known(config.method)
     _check_data(config.calib, config.path_data, config.tune_data)
     return config
 

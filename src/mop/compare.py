@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mop import pipeline
 from mop.errors import MopError
-from mop.pipeline import PipelineConfig, check_tasks, run_pipeline
+from mop.pipeline import PipelineConfig, check_targets, check_tasks, run_pipeline
 from mop.pruning.search import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out:
     for config in configs.values():
         config.validate()
     check_tasks(base)
+    check_targets(model, list(configs.values()), [out / label for label in configs])
     claim(out, base, model)
     from mop.evaluation import evaluate
     from mop.models import load_model

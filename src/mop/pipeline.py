@@ -121,6 +121,15 @@ def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str,
     return checkpoints
 
 
+def check_targets(model: str, configs: list[PipelineConfig], outs: list[Path]) -> None:
+    """Refuse a target that a method cannot reach on `model` (or a foreign search directory) before a settings
+    file or the dense evaluation is written; `outs[i]` is the run directory of `configs[i]`."""
+    loaded = load_model(model, configs[0].device, configs[0].dtype)
+    for config, out in zip(configs, outs, strict=True):
+        for seed in config.seeds:
+            methods.check(loaded, replace(config.search, seed=seed), out / f"seed-{seed}" / "prune")
+
+
 def check_tasks(config: PipelineConfig) -> None:
     """A task whose documents cannot be read fails now, not after hours of pruning."""
     for task in config.tasks:
@@ -138,6 +147,8 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
 
     config.validate()
     check_tasks(config)
+    if dense is None:  # `mop compare` checks every method before its own files
+        check_targets(model, [config], [out])
     claim(out, config, model)
 
     def evaluated(checkpoint: str) -> dict:

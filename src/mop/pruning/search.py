@@ -86,6 +86,30 @@ class SearchConfig:
                 if k != "targets" and not (k in ("tensor_parallel", "mlp_multiple") and v == 1)}
 
 
+MEASURES = {"all": "of all parameters", "body": "of non-embedding parameters"}  # what --compression-of targets
+
+
+def goal_params(target: float, original: int, uncounted: int) -> float:
+    """The parameter count at or below which `target` is reached: `uncounted` parameters (0, or the embeddings
+    when targets are of the body) are left out of the compression."""
+    return uncounted + (1 - target) * (original - uncounted)
+
+
+def check_reachable(loaded: LoadedModel, config: SearchConfig) -> None:
+    """Refuse targets that `config.mode` cannot reach on this model (see `fewest_params`); no work is done."""
+    model, adapter = loaded.model, loaded.adapter
+    shape, layers = adapter.shape(model), adapter.layers(model)
+    original = count_params(model)
+    uncounted = embedding_params(model) if config.compression_of == "body" else 0
+    units = config.alignment.units(shape, adapter.kv_head_counts(model))
+    floor = fewest_params(config.mode, shape, len(layers), layer_params(layers[0]), original, units)
+    for target in config.targets:
+        if floor > goal_params(target, original, uncounted):
+            raise MopError(f"target {target} cannot be reached in mode {config.mode}: at most "
+                           f"{1 - (floor - uncounted) / (original - uncounted):.4f} "
+                           f"({MEASURES[config.compression_of]})")
+
+
 class Search:
     """One MoP run on one loaded model. `run()` resumes from `out/run.json` when it exists."""
 
@@ -100,7 +124,7 @@ class Search:
         config.alignment.check(shape, loaded.name)
         self.units = config.alignment.units(shape, self.adapter.kv_head_counts(self.model))  # what a width step leaves
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
-        self._check_reachable()
+        check_reachable(loaded, config)
         RunState.check(out, self.identity)  # fail before any long work if --out holds another run
         self.calibration = self._calibration()
         self.tune_rows = self._tune_rows() if self._scores_candidates else []
@@ -154,21 +178,7 @@ class Search:
         batches = data.text_batches(tokenizer, texts, c.path_max_length, c.batch_size)
         return build_reference(self.model, self.adapter, batches, [])
 
-    def _check_reachable(self) -> None:
-        """Refuse, before any work, targets the mode cannot reach (see `fewest_params`)."""
-        layers = self.adapter.layers(self.model)
-        floor = fewest_params(self.config.mode, self.adapter.shape(self.model), len(layers), layer_params(layers[0]),
-                              self.original_params, self.units)
-        for target in self.config.targets:
-            if floor > self.goal(target):
-                raise MopError(f"target {target} cannot be reached in mode {self.config.mode}: at most "
-                               f"{self.compression(floor):.4f} ({self._measure})")
-
     # ------------------------------------------------------------ compression
-
-    @property
-    def _measure(self) -> str:
-        return {"all": "of all parameters", "body": "of non-embedding parameters"}[self.config.compression_of]
 
     @property
     def _uncounted(self) -> int:
@@ -181,7 +191,7 @@ class Search:
 
     def goal(self, target: float) -> float:
         """The parameter count at or below which `target` is reached."""
-        return self._uncounted + (1 - target) * (self.original_params - self._uncounted)
+        return goal_params(target, self.original_params, self._uncounted)
 
     # ------------------------------------------------------------ one iteration
 
@@ -271,7 +281,8 @@ class Search:
             self.replay(record)
             self._save_reached(state, iteration)  # a target added since, or one a kill left unwritten
         goal = self.goal(max(self.config.targets))
-        bar = tqdm(total=round(100 * max(self.config.targets), 1), desc=f"MoP search (% compression {self._measure})",
+        bar = tqdm(total=round(100 * max(self.config.targets), 1),
+                   desc=f"MoP search (% compression {MEASURES[self.config.compression_of]})",
                    unit="%")
         bar.update(round(100 * self.compression(count_params(self.model)), 1))
         while count_params(self.model) > goal:
