@@ -39,7 +39,10 @@ def test_parse_method():
     assert parse_method("depth") == ("depth", {"mode": "depth"})
     assert parse_method("fast-kl:path_criterion=kl,tune_steps_per_iteration=1,calib_samples=4") == (
         "fast-kl", {"path_criterion": "kl", "tune_steps_per_iteration": 1, "calib_samples": 4})
-    for bad in ("nonsense", "x:seed=1", "x:mode", ":mode=depth", "dense"):
+    assert parse_method("depth-kd:mode=depth,recovery.method=kd,recovery.learning_rate=0.002") == (
+        "depth-kd", {"mode": "depth", "recovery": {"method": "kd", "learning_rate": 0.002}})
+    for bad in ("nonsense", "x:seed=1", "x:mode", ":mode=depth", "dense", "x:recovery.seed=1", "x:recovery.lora=1",
+                "x:recovery.nonsense=1"):
         with pytest.raises(MopError):
             parse_method(bad)
 
@@ -100,3 +103,35 @@ def test_compare_refuses_an_unreachable_target_of_any_method_before_writing_anyt
     with pytest.raises(MopError, match="target 0.7 cannot be reached in mode depth"):
         run_compare(str(tiny_dirs["llama-gqa"]), config, dict(map(parse_method, ["mop", "depth"])), out)
     assert not out.exists()
+
+
+def test_a_method_recovered_otherwise_shares_the_search_and_says_so_in_the_report(tiny_dirs, tmp_path):
+    """`depth-kd` prunes exactly as `depth` (the same checkpoint) and is recovered by distillation at its own
+    learning rate; the other method keeps the shared recovery, and the report's method table says which is which."""
+    model, out = str(tiny_dirs["llama-gqa"]), tmp_path / "compare"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"Line {i} of a small corpus about pruning and recovery." for i in range(64)))
+    config = tiny_config(tasks=["wikitext"], search=SearchConfig(targets=[0.2], calib_samples=4, calib_max_length=32))
+    methods = dict(map(parse_method, ["depth", f"depth-kd:mode=depth,recovery.method=kd,recovery.kd_data={texts},"
+                                               "recovery.learning_rate=0.002"]))
+    run_compare(model, config, methods, out)
+    provenance = {label: json.loads((out / label / "seed-0" / "recovered" / "target-20" / "mop.json").read_text())
+                  for label in methods}
+    assert provenance["depth"]["path"] == provenance["depth-kd"]["path"] == "DD"
+    assert provenance["depth"]["finetune"]["method"] == "sft"
+    assert provenance["depth"]["finetune"]["settings"]["lora"]["learning_rate"] == 3e-4
+    assert provenance["depth-kd"]["finetune"]["method"] == "kd"
+    assert provenance["depth-kd"]["finetune"]["settings"]["lora"]["learning_rate"] == 0.002
+    prune_records = [json.loads((out / label / "seed-0" / "prune" / "run.json").read_text()) for label in methods]
+    assert prune_records[0]["iterations"] == prune_records[1]["iterations"]
+    assert json.loads((out / "compare.json").read_text())["identity"]["recovery"]["method"] == "sft"
+    report = (out / "report.md").read_text()
+    assert "| depth | mode=depth, calib_samples=4, calib_max_length=32 | the shared |" in report
+    assert (f"| depth-kd | mode=depth, calib_samples=4, calib_max_length=32 | lora.learning_rate=0.002, method=kd, "
+            f"kd_data={texts} |") in report
+
+
+def test_recovery_fields_without_recovery_are_refused(tiny_dirs, tmp_path):
+    with pytest.raises(MopError, match="no recovery"):
+        run_compare(str(tiny_dirs["mistral"]), tiny_config(recovery=None),
+                    dict([parse_method("kd:recovery.method=kd")]), tmp_path / "compare")

@@ -7,7 +7,10 @@ evaluated on the same tasks and documents and timed with the same protocol, in o
     OUT/report.md, OUT/results.json, OUT/*.png
 
 A method is a preset name (`mop`, `depth`, `width`, `mop-kl`, `shortgpt`, ...; see PRESETS) or
-`LABEL:field=value,...` with fields of `SearchConfig` (e.g. `mop-kl-fast:path_criterion=kl,tune_steps_per_iteration=1`).
+`LABEL:field=value,...` with fields of `SearchConfig` (e.g. `mop-kl-fast:path_criterion=kl,tune_steps_per_iteration=1`)
+and, for a variant recovered otherwise than the shared settings say, `recovery.FIELD=value` with fields of
+`FinetuneConfig` or its `LoraSettings` (e.g. `mop-kd:recovery.method=kd,recovery.learning_rate=0.002`); the
+report lists what each method sets.
 Every stage is a file skipped when present, so adding a method, a seed or the latency stage computes only what is
 missing; each invocation runs its `--seeds` for the methods it names.
 """
@@ -23,6 +26,7 @@ from mop import pipeline
 from mop.errors import MopError
 from mop.pipeline import PipelineConfig, check_targets, check_tasks, run_pipeline
 from mop.pruning.search import SearchConfig
+from mop.training import FinetuneConfig, LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ PRESETS: dict[str, dict] = {
     "llm-pruner": {"method": "llm_pruner"},
 }
 _METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "seed", "lora"}
+_RECOVERY_FIELDS = {f.name for f in fields(FinetuneConfig)} - {"seed", "lora"}
+_LORA_FIELDS = {f.name for f in fields(LoraSettings)}
+_FIELDS = _METHOD_FIELDS | {f"recovery.{name}" for name in _RECOVERY_FIELDS | _LORA_FIELDS}
 
 
 def _value(text: str):
@@ -51,7 +58,8 @@ def _value(text: str):
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """`NAME` (a preset) or `LABEL:field=value,...` → (label, the SearchConfig fields it sets)."""
+    """`NAME` (a preset) or `LABEL:field=value,...` → (label, the SearchConfig fields it sets, with the recovery
+    fields it sets under "recovery")."""
     label, _, settings = spec.partition(":")
     if not label or "/" in label or label in ("dense", "."):
         raise MopError(f"method {spec!r}: give a name (a preset, or LABEL:field=value,...)")
@@ -62,15 +70,27 @@ def parse_method(spec: str) -> tuple[str, dict]:
     overrides = {}
     for item in settings.split(","):
         key, equals, value = item.partition("=")
-        if not equals or key not in _METHOD_FIELDS:
-            raise MopError(f"method {spec!r}: {item!r} is not field=value with a field of {', '.join(sorted(_METHOD_FIELDS))}")
-        overrides[key] = _value(value)
+        if not equals or key not in _FIELDS:
+            raise MopError(f"method {spec!r}: {item!r} is not field=value with a field of {', '.join(sorted(_FIELDS))}")
+        if key.startswith("recovery."):
+            overrides.setdefault("recovery", {})[key.removeprefix("recovery.")] = _value(value)
+        else:
+            overrides[key] = _value(value)
     return label, overrides
 
 
 def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
-    config = replace(base, search=replace(base.search, **overrides))
+    """The shared settings with a method's own: its search fields, and recovery fields where it sets some."""
+    search = {k: v for k, v in overrides.items() if k != "recovery"}
+    config = replace(base, search=replace(base.search, **search))
     config.search.validate()
+    if "recovery" in overrides:
+        if base.recovery is None:
+            raise MopError(f"recovery settings {overrides['recovery']} given, but the comparison has no recovery")
+        lora = {k: v for k, v in overrides["recovery"].items() if k in _LORA_FIELDS}
+        rest = {k: v for k, v in overrides["recovery"].items() if k not in _LORA_FIELDS}
+        config.recovery = replace(base.recovery, **rest, lora=replace(base.recovery.lora, **lora))
+        config.recovery.validate()
     return config
 
 

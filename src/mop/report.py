@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
-from mop.pruning.search import target_name  # noqa: E402
+from mop.pruning.search import SearchConfig, target_name  # noqa: E402
 from mop.provenance import write_json_atomic  # noqa: E402
 
 PATH_COLOURS = {"D": "#c0504d", "W": "#4f81bd"}
@@ -300,6 +300,7 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
         lines += [f"Tasks on their first {settings['eval_limit']} documents; perplexity on "
                   f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "
                   f"{settings['ppl_segment_length']} tokens.", ""]
+    lines += _method_settings(methods, settings)
     for target in sorted({name for m in methods.values() for name in m["checkpoints"]}):
         table = [["dense", "", "0 / 0", f"{dense['params'] / 1e6:.2f} M", _mean_std([dense["perplexity"]], digits=2),
                   *[_mean_std([dense["tasks"].get(t)], 100) for t in tasks], _mean_std([dense["average"]], 100), "1.00×"]]
@@ -321,6 +322,27 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
               "![accuracy vs latency](accuracy_vs_latency.png)", "",
               "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _changed(settings: dict, reference: dict, prefix: str = "") -> list[str]:
+    """`key=value` for every setting that differs from `reference` (nested dicts as `outer.inner`)."""
+    changes = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(reference.get(key), dict):
+            changes += _changed(value, reference[key], f"{prefix}{key}.")
+        elif value != reference.get(key):
+            changes.append(f"{prefix}{key}={value}")
+    return changes
+
+
+def _method_settings(methods: dict, settings: dict) -> list[str]:
+    """What each method sets: its search settings other than the defaults, its recovery other than the shared."""
+    defaults = {k: v for k, v in SearchConfig(targets=[0.5]).identity().items() if k != "seed"}
+    rows = [[label, ", ".join(_changed(method["settings"]["search"], defaults)) or "the defaults (the paper's)",
+             ", ".join(_changed(method["settings"]["recovery"] or {}, settings["recovery"] or {})) or "the shared"]
+            for label, method in methods.items()]
+    return ["## Methods", "", *_table(["method", "search (other than the defaults)", "recovery (other than the shared)"],
+                                      rows), ""]
 
 
 def _differences(methods: dict, target: str, tasks: list[str], reference: str) -> list[str]:
