@@ -2,8 +2,8 @@
 
 A cell is one (target, method, seed): `mop compare` with the study's shared settings up to that target, run in a
 child process into `runs/study/` (checkpoints stay there, never in git); its recovery and evaluation take about
-30 minutes on 2 cores. Cells run target by target (every method at 20% first), so the comparison at equal size
-fills in first. The search of a method is nested: a later target extends it. After every cell the small result files — evaluations,
+20 minutes on 2 quiet cores. Cells run group by group (core comparison, peers, criteria, variants), each group at
+20%, 30%, then 40%. The search of a method is nested: a later target extends it. After every cell the small result files — evaluations,
 latency records, each checkpoint's mop.json and the settings — are copied to `docs/study/smollm2/`, the report is
 rewritten there, and (with --commit) committed. A rerun first copies `docs/study/smollm2/` back into
 `runs/study/`, so on a fresh machine only the missing cells (and, within a cell, the missing targets) run.
@@ -40,18 +40,21 @@ SHARED = ["--recovery-steps", "32", "--recovery-batch-size", "16", "--recovery-m
           "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "250", "--eval-ppl-segments", "32",
           "--eval-batch-size", "16"]
 
-# (label, method spec, seeds), in the order the issue asks for: the core comparison, then peers, then criteria,
-# then the variants the evidence suggests.
-CELLS = [
-    ("mop", "mop", 0), ("depth", "depth", 0), ("width", "width", 0), ("mop", "mop", 1), ("mop", "mop", 2),
-    ("shortgpt", "shortgpt", 0), ("llm-pruner", "llm-pruner", 0),
+# (label, method spec, seed) in groups, in the order the issue asks for: the core comparison, then peers, then
+# criteria, then the variants the evidence suggests; a group is run at 20%, then 30%, then 40% before the next.
+GROUPS = [
+    [("mop", "mop", 0), ("depth", "depth", 0), ("width", "width", 0), ("mop", "mop", 1), ("mop", "mop", 2)],
+    [("shortgpt", "shortgpt", 0), ("llm-pruner", "llm-pruner", 0)],
     # the searching criteria with a reduced short-tuning schedule (1·t steps instead of 10·t, 32 path texts)
-    ("mop-kl", "mop-kl:path_criterion=kl,tune_steps_per_iteration=1,path_samples=32", 0),
-    ("mop-cosine", "mop-cosine:path_criterion=cosine,tune_steps_per_iteration=1,path_samples=32", 0),
-    ("mop-ppl", "mop-ppl:path_criterion=ppl,tune_steps_per_iteration=1,ppl_segments=4", 0),
-    ("mop-bi", "mop-bi", 0),
-    # issue 12: what serving alignment costs — MoP seed 0 with the MLP kept in 64-neuron blocks
-    ("mop-mlp64", "mop-mlp64:mlp_multiple=64", 0),
+    [("mop-kl", "mop-kl:path_criterion=kl,tune_steps_per_iteration=1,path_samples=32", 0),
+     ("mop-cosine", "mop-cosine:path_criterion=cosine,tune_steps_per_iteration=1,path_samples=32", 0),
+     ("mop-ppl", "mop-ppl:path_criterion=ppl,tune_steps_per_iteration=1,ppl_segments=4", 0)],
+    # block influence as the layer criterion; with it, KD recovery on raw text (C4) from the dense model at the
+    # README job's learning rate, the same 32 steps of 16 rows (of 256 tokens: more tokens than Alpaca rows);
+    # issue 12: what serving alignment costs, MoP seed 0 with the MLP kept in 64-neuron blocks
+    [("mop-bi", "mop-bi", 0),
+     ("mop-bi-kd", "mop-bi-kd:layer_criterion=block_influence,recovery.method=kd,recovery.learning_rate=0.002", 0),
+     ("mop-mlp64", "mop-mlp64:mlp_multiple=64", 0)],
 ]
 
 
@@ -103,11 +106,12 @@ def main() -> None:
     args = parser.parse_args()
     if DOCS.is_dir():
         sync(DOCS, RUNS)
-    for target in TARGETS:
-        for label, spec, seed in CELLS:
-            if args.only and label not in args.only or done(label, seed, target, args.bench):
-                continue
-            run_cell(label, spec, seed, target, args)
+    for group in GROUPS:
+        for target in TARGETS:
+            for label, spec, seed in group:
+                if args.only and label not in args.only or done(label, seed, target, args.bench):
+                    continue
+                run_cell(label, spec, seed, target, args)
 
 
 def run_cell(label: str, spec: str, seed: int, target: float, args: argparse.Namespace) -> None:
