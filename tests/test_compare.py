@@ -79,7 +79,11 @@ def test_compare_matched_sizes_report_and_incremental_reruns(tiny_dirs, tmp_path
     computed.clear()
     run_compare(model, tiny_config(seeds=[1]), dict([parse_method("mop")]), out)
     assert sorted(computed) == ["seed-1/target-20.json", "seed-1/target-40.json"]
-    assert sorted(json.loads((out / "results.json").read_text())["methods"]["mop"]["checkpoints"]["target-20"]) == ["0", "1"]
+    seeds = json.loads((out / "results.json").read_text())["methods"]["mop"]["checkpoints"]["target-20"]
+    assert sorted(seeds) == ["0", "1"]
+    worst = (f"{100 * min(r['average'] for r in seeds.values()):.1f} / "
+             f"{max(r['perplexity'] for r in seeds.values()):.2f}")
+    assert f"| {worst} |" in (out / "report.md").read_text().split("## 40% target")[0]  # the 20% table
 
 
 def test_compare_refuses_other_shared_settings(tiny_dirs, tmp_path, capsys):

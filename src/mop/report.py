@@ -291,11 +291,12 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
     dense, methods = results["dense"], results["methods"]
     tasks = list(dense["tasks"])
     header = ["method", "seeds", "compression % (all / body)", "parameters", "WikiText-2 ppl",
-              *[f"{t}" for t in tasks], "average", "speedup"]
+              *[f"{t}" for t in tasks], "average", "worst seed (average / ppl)", "speedup"]
     lines = [f"# Comparison of pruning methods: {model}", "",
-             "Accuracies in %, mean ± std over seeds where a method has several; the average is the paper's (acc "
-             "for WinoGrande, acc_norm for the others). Compression is of all parameters (the paper's definition) "
-             "and, after the slash, of the non-embedding (body) parameters.", ""]
+             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (lowest "
+             "average, highest perplexity); the average is the paper's (acc for WinoGrande, acc_norm for the "
+             "others). Compression is of all parameters (the paper's definition) and, after the slash, of the "
+             "non-embedding (body) parameters.", ""]
     if settings.get("eval_limit"):
         lines += [f"Tasks on their first {settings['eval_limit']} documents; perplexity on "
                   f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "
@@ -303,7 +304,8 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
     lines += _method_settings(methods, settings)
     for target in sorted({name for m in methods.values() for name in m["checkpoints"]}):
         table = [["dense", "", "0 / 0", f"{dense['params'] / 1e6:.2f} M", _mean_std([dense["perplexity"]], digits=2),
-                  *[_mean_std([dense["tasks"].get(t)], 100) for t in tasks], _mean_std([dense["average"]], 100), "1.00×"]]
+                  *[_mean_std([dense["tasks"].get(t)], 100) for t in tasks], _mean_std([dense["average"]], 100), "",
+                  "1.00×"]]
         for label, method in methods.items():
             rows = list(method["checkpoints"].get(target, {}).values())
             if not rows:
@@ -313,7 +315,7 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
             table.append([label, str(len(rows)), compression, f"{statistics.mean(r['params'] for r in rows) / 1e6:.2f} M",
                           _mean_std([r["perplexity"] for r in rows], digits=2),
                           *[_mean_std([r["tasks"].get(t) for r in rows], 100) for t in tasks],
-                          _mean_std([r["average"] for r in rows], 100),
+                          _mean_std([r["average"] for r in rows], 100), _worst(rows),
                           _mean_std([r.get("speedup") for r in rows], digits=2) + "×" if any(r.get("speedup") for r in rows) else "–"])
         lines += [f"## {target.removeprefix('target-')}% target", "", *_table(header, table), ""]
         lines += _differences(methods, target, tasks, reference)
@@ -322,6 +324,16 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
               "![accuracy vs latency](accuracy_vs_latency.png)", "",
               "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _worst(rows: list[dict]) -> str:
+    """The worst seed's average accuracy (%) and perplexity, when there are several seeds."""
+    if len(rows) < 2:
+        return ""
+    averages = [r["average"] for r in rows if r["average"] is not None]
+    perplexities = [r["perplexity"] for r in rows if r["perplexity"] is not None]
+    return (f"{100 * min(averages):.1f}" if averages else "–") + " / " + (f"{max(perplexities):.2f}" if perplexities
+                                                                          else "–")
 
 
 def _changed(settings: dict, reference: dict, prefix: str = "") -> list[str]:
