@@ -128,9 +128,10 @@ def test_vllm_timing_without_vllm_is_refused_before_work(tiny_dirs, tmp_path, mo
     assert not out.exists()
 
 
-def test_run_refuses_an_unreachable_target_before_writing_anything(tiny_dirs, tmp_path, capsys):
+def test_run_refuses_an_unreachable_target_before_writing_anything(tiny_dirs, tmp_path, capsys, monkeypatch):
     """Depth mode reaches at most 0.5662 of the tiny LLaMA (see test_resume_and_errors); nothing is written,
-    and a finished run given such a target more keeps its settings file as it was."""
+    a rerun of a finished run loads no model to check its targets again, and a finished run given an
+    unreachable target more keeps its settings file as it was."""
     out, model = tmp_path / "run", str(tiny_dirs["llama-gqa"])
     tasks = ["--tasks", "wikitext", "--eval-limit", "2", "--eval-ppl-segment-length", "64", "--no-recovery",
              "--no-bench", "--calib-samples", "4", "--calib-max-length", "32", "--mode", "depth"]
@@ -139,5 +140,8 @@ def test_run_refuses_an_unreachable_target_before_writing_anything(tiny_dirs, tm
 
     assert main(["run", model, "--target", "0.2", "--out", str(out), *tasks]) == 0
     settings = (out / "pipeline.json").read_text()
+    with monkeypatch.context() as patched:
+        patched.setattr(mop.pipeline, "load_model", lambda *args: pytest.fail("a model loaded"))
+        assert main(["run", model, "--target", "0.2", "--out", str(out), *tasks]) == 0
     assert main(["run", model, "--target", "0.2", "--target", "0.7", "--out", str(out), *tasks]) == 2
     assert (out / "pipeline.json").read_text() == settings and json.loads(settings)["targets"] == [0.2]

@@ -116,7 +116,7 @@ def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out:
     for config in configs.values():
         config.validate()
     check_tasks(base)
-    check_targets(model, list(configs.values()), [out / label for label in configs])
+    check_targets(model, {out / label: config for label, config in configs.items()})
     claim(out, base, model)
     from mop.evaluation import evaluate
     from mop.models import load_model

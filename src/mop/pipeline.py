@@ -121,11 +121,22 @@ def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str,
     return checkpoints
 
 
-def check_targets(model: str, configs: list[PipelineConfig], outs: list[Path]) -> None:
+def check_targets(model: str, runs: dict[Path, PipelineConfig]) -> None:
     """Refuse a target that a method cannot reach on `model` (or a foreign search directory) before a settings
-    file or the dense evaluation is written; `outs[i]` is the run directory of `configs[i]`."""
-    loaded = load_model(model, configs[0].device, configs[0].dtype)
-    for config, out in zip(configs, outs, strict=True):
+    file or the dense evaluation is written; `runs` maps each run directory to its settings. A run whose
+    pipeline.json already lists its targets and seeds passed this check then, so a rerun loads nothing."""
+    def claimed(out: Path, config: PipelineConfig) -> bool:
+        if not (out / "pipeline.json").is_file():
+            return False
+        saved = json.loads((out / "pipeline.json").read_text())
+        return set(config.search.targets) <= set(saved["targets"]) and set(config.seeds) <= set(saved["seeds"])
+
+    unchecked = {out: config for out, config in runs.items() if not claimed(out, config)}
+    if not unchecked:
+        return
+    first = next(iter(unchecked.values()))
+    loaded = load_model(model, first.device, first.dtype)
+    for out, config in unchecked.items():
         for seed in config.seeds:
             methods.check(loaded, replace(config.search, seed=seed), out / f"seed-{seed}" / "prune")
 
@@ -148,7 +159,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
     config.validate()
     check_tasks(config)
     if dense is None:  # `mop compare` checks every method before its own files
-        check_targets(model, [config], [out])
+        check_targets(model, {out: config})
     claim(out, config, model)
 
     def evaluated(checkpoint: str) -> dict:

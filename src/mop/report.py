@@ -330,10 +330,10 @@ def _worst(rows: list[dict]) -> str:
     """The worst seed's average accuracy (%) and perplexity, when there are several seeds."""
     if len(rows) < 2:
         return ""
-    averages = [r["average"] for r in rows if r["average"] is not None]
+    averages = [100 * r["average"] for r in rows if r["average"] is not None]
     perplexities = [r["perplexity"] for r in rows if r["perplexity"] is not None]
-    return (f"{100 * min(averages):.1f}" if averages else "–") + " / " + (f"{max(perplexities):.2f}" if perplexities
-                                                                          else "–")
+    worst_average = f"{min(averages):.1f}" if averages else "–"
+    return f"{worst_average} / {max(perplexities):.2f}" if perplexities else f"{worst_average} / –"
 
 
 def _changed(settings: dict, reference: dict, prefix: str = "") -> list[str]:

@@ -104,7 +104,7 @@ def run_bench(job: dict) -> dict:
             seconds, tokens = timed(role, batch, greedy)
             raw[role]["batch_s"].append(seconds)
             raw[role]["batch_new_tokens"].append(tokens)
-    del engines
+    engines.clear()  # free every engine before the worker takes its next job
     gc.collect()
     return {"raw": raw}
 
