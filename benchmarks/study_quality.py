@@ -10,7 +10,9 @@ rewritten there, and (with --commit) committed. A rerun first copies `docs/study
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench]
 
-`--bench` adds the latency stage (run it on a quiet machine: the study's other cells must not run beside it).
+`--bench` is the latency pass: it times every cell already evaluated and computes no new one (run it on a quiet
+machine, nothing beside it). Latency depends on the shapes only, so where a recovered checkpoint is gone (a fresh
+machine) the pipeline re-prunes and times the pruned one, without recovering it again.
 """
 
 from __future__ import annotations
@@ -136,14 +138,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", help="run only these labels")
     parser.add_argument("--commit", action="store_true", help="commit docs/study after every cell")
-    parser.add_argument("--bench", action="store_true", help="add the latency stage (on a quiet machine)")
+    parser.add_argument("--bench", action="store_true",
+                        help="the latency pass: time the evaluated cells, compute no new one (on a quiet machine)")
     args = parser.parse_args()
     if DOCS.is_dir():
         sync(DOCS, RUNS)
     for group in GROUPS:
         for target in TARGETS:
             for label, spec, seed in group:
-                if args.only and label not in args.only or done(label, seed, target, args.bench):
+                if args.only and label not in args.only or done(label, seed, target, args.bench) \
+                        or args.bench and not done(label, seed, target, bench=False):
                     continue
                 run_cell(label, spec, seed, target, args)
 
