@@ -42,8 +42,9 @@ SHARED = ["--recovery-steps", "32", "--recovery-batch-size", "16", "--recovery-m
           "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "250", "--eval-ppl-segments", "32",
           "--eval-batch-size", "16"]
 
-# (label, method spec, seed[, its targets if not all]) in groups, in the order the issue asks for: the core comparison, then peers, then
-# criteria, then the variants the evidence suggests; a group is run at 20%, then 30%, then 40% before the next.
+# (label, method spec, seed[, its targets if not all]) in groups, in the order the issue asks for: the core
+# comparison, then peers, then criteria, then the variants the evidence suggests; a group is run at 20%, then 30%,
+# then 40% before the next.
 GROUPS = [
     [("mop", "mop", 0), ("depth", "depth", 0), ("width", "width", 0), ("mop", "mop", 1), ("mop", "mop", 2)],
     [("shortgpt", "shortgpt", 0), ("llm-pruner", "llm-pruner", 0)],
@@ -147,13 +148,12 @@ def main() -> None:
         sync(DOCS, RUNS)
     for group in GROUPS:
         for target in TARGETS:
-            for label, spec, seed, *only_targets in group:
-                if only_targets and target not in only_targets[0]:
+            for label, spec, seed, *its_targets in group:
+                if its_targets and target not in its_targets[0] or args.only and label not in args.only:
                     continue
-                if args.only and label not in args.only or done(label, seed, target, args.bench) \
-                        or args.bench and not done(label, seed, target, bench=False):
-                    continue
-                run_cell(label, spec, seed, target, args)
+                evaluated = done(label, seed, target, bench=False)
+                if (evaluated and not done(label, seed, target, bench=True)) if args.bench else not evaluated:
+                    run_cell(label, spec, seed, target, args)
 
 
 def run_cell(label: str, spec: str, seed: int, target: float, args: argparse.Namespace) -> None:
