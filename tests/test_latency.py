@@ -64,6 +64,22 @@ def test_timed_generate_forces_exactly_new_tokens(tokenizer):
     assert generate["new_tokens"] == 3 and generate["same_tokens_as_loop"] is False
 
 
+def test_without_generate_timing_each_run_is_the_loop_and_the_prefill_pass(tokenizer, tiny_dirs):
+    """time_generate off: per run exactly the loop's new_tokens passes and the long prefill pass (1 s each on the
+    fake clock), no generate record and no generate speedup."""
+    settings = LatencySettings(runs=3, warmup=1, prompt_tokens=4, new_tokens=3, prefill_tokens=8, time_generate=False)
+    model = tiny_model("llama-gqa")
+    clock = one_second_per_pass(model)
+    result = measure({"candidate": model}, tokenizer, settings, clock=clock)["candidate"]
+    assert clock() == settings.runs * (settings.new_tokens + 1)
+    assert result["generate"] is None and "generate_s" not in result["raw"]
+    assert result["end_to_end_s"] == {"mean": 3.0, "std": 0.0}
+    loaded = [load_model(str(tiny_dirs["llama-gqa"])) for _ in range(2)]
+    record = benchmark(*loaded, settings)
+    assert record["settings"]["time_generate"] is False
+    assert record["generate_speedup"] is None and record["speedup"]["runs"] == 2
+
+
 def test_greedy_tokens_equal_generate(family, tokenizer):
     model = tiny_model(family)
     prompt = fixed_prompt(tokenizer, 12)
@@ -140,7 +156,8 @@ def test_bench_times_checkpoint_against_its_source(pruned_dir, tiny_dirs, tmp_pa
     output = tmp_path / "results" / "bench.json"
     assert main(["bench", str(pruned_dir), "--output", str(output), *TINY_BENCH]) == 0
     record = json.loads(output.read_text())
-    assert record["settings"] == {"runs": 3, "warmup": 1, "prompt_tokens": 6, "new_tokens": 4, "prefill_tokens": 16}
+    assert record["settings"] == {"runs": 3, "warmup": 1, "prompt_tokens": 6, "new_tokens": 4, "prefill_tokens": 16,
+                                  "time_generate": True}
     assert len(record["prompt"]["ids"]) == 6
     assert record["dtype"] == "float32" and record["torch_threads"] == torch.get_num_threads()
     assert record["device"].endswith("logical cores")  # a CPU description
@@ -175,6 +192,10 @@ def test_bench_dense_model_alone_and_explicit_baseline(pruned_dir, tiny_dirs, tm
     record = json.loads(alone.read_text())
     assert list(record["models"]) == ["candidate"]
     assert record["speedup"] is None and record["decode_speedup"] is None and record["generate_speedup"] is None
+    assert record["models"]["candidate"]["generate"]["new_tokens"] == 4
+    no_generate = tmp_path / "no-generate.json"
+    assert main(["bench", str(tiny_dirs["llama-gqa"]), "--output", str(no_generate), *TINY_BENCH, "--no-generate"]) == 0
+    assert json.loads(no_generate.read_text())["models"]["candidate"]["generate"] is None
 
     explicit = tmp_path / "explicit.json"
     other = tiny_dirs["mistral"]  # same hidden size and tokenizer, another model

@@ -405,6 +405,8 @@ def register_bench(commands) -> None:
     bench.add_argument("--prompt-tokens", type=int, default=12)
     bench.add_argument("--new-tokens", type=int, default=128, help="exactly this many greedy tokens (EOS ignored)")
     bench.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill throughput")
+    bench.add_argument("--no-generate", action="store_true",
+                       help="do not also time model.generate every run (halves the time; the speedup is unchanged)")
     bench.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                        help="time in transformers (here) or in vLLM (its own environment, see mop check)")
     bench.add_argument("--batch", type=int, default=16, help="vLLM: concurrent requests of the throughput measurement")
@@ -417,7 +419,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from mop.models import load_model
 
     settings = LatencySettings(runs=args.runs, warmup=args.warmup, prompt_tokens=args.prompt_tokens,
-                               new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens)
+                               new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
+                               time_generate=not args.no_generate)
     settings.validate()  # before the models load
     _check_output(args.output)
     if args.engine == "vllm":
@@ -486,6 +489,8 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     latency.add_argument("--no-bench", action="store_true", help="do not time the checkpoints")
     latency.add_argument("--bench-runs", type=int, default=20)
     latency.add_argument("--bench-warmup", type=int, default=10)
+    latency.add_argument("--bench-no-generate", action="store_true",
+                         help="do not also time model.generate (halves the timing; the speedup is unchanged)")
     latency.add_argument("--bench-vllm", action="store_true",
                          help="time every checkpoint in vLLM too (batch 1 and throughput; needs vLLM, see mop check)")
     latency.add_argument("--bench-batch", type=int, default=16, help="vLLM throughput: concurrent requests")
@@ -534,7 +539,8 @@ def _pipeline_config(args: argparse.Namespace):
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], eval_limit=args.eval_limit,
         eval_batch_size=args.eval_batch_size, ppl_segment_length=args.eval_ppl_segment_length,
         ppl_segments=args.eval_ppl_segments,
-        latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
+        latency=None if args.no_bench else LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup,
+                                                           time_generate=not args.bench_no_generate),
         vllm_latency=VllmBenchSettings(LatencySettings(runs=args.bench_runs, warmup=args.bench_warmup),
                                        batch=args.bench_batch, dtype=args.dtype) if args.bench_vllm else None,
         device=args.device, dtype=args.dtype)

@@ -5,7 +5,8 @@ speedup = baseline time / candidate time, measured in the same process.
 The tokens come from our own greedy loop, not from `generate`: it times prefill and decode apart, and it runs
 exactly the forward passes that pruning can make faster (no logits processors or stopping criteria, EOS an
 ordinary token), while choosing the same tokens as greedy `generate`. Every run also times `model.generate`
-(greedy, exactly new_tokens tokens), the number a user of `generate` sees, so the record has both."""
+(greedy, exactly new_tokens tokens), the number a user of `generate` sees, so the record has both — unless
+`time_generate` is off, which halves the time a measurement takes (a study timing many checkpoints)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ PROTOCOL = (
     "default DynamicCache and the model's generation config), after the greedy loop and the prefill pass: "
     "generate.end_to_end_s, compared in generate_speedup; generate.same_tokens_as_loop says whether its tokens "
     "equal the loop's in every run (they differ only where min_new_tokens suppresses an EOS the loop chose, or "
-    "the generation config adds logits processors)"
+    "the generation config adds logits processors); with time_generate off, generate is not timed (generate and "
+    "generate_speedup are null)"
 )
 
 Clock = Callable[[], float]
@@ -65,6 +67,7 @@ class LatencySettings:
     prompt_tokens: int = 12
     new_tokens: int = 128
     prefill_tokens: int = 512  # prompt length of the prefill throughput measurement
+    time_generate: bool = True  # also time model.generate every run (about half of a measurement's time)
 
     def validate(self) -> None:
         if self.runs - self.warmup < 2 or self.warmup < 0:
@@ -91,9 +94,9 @@ class Run:
     long_prefill_s: float  # one forward pass over the prefill_tokens-long prompt
     kv_cache_bytes: int
     cuda_peak_bytes: int | None  # peak CUDA memory allocated during the run above what was allocated before it
-    generate_s: float  # model.generate of the same tokens, end to end
-    generate_new_tokens: int  # how many tokens generate added
-    generate_same_tokens: bool  # generate's tokens equal the greedy loop's
+    generate_s: float | None  # model.generate of the same tokens, end to end (None: not timed)
+    generate_new_tokens: int | None  # how many tokens generate added
+    generate_same_tokens: bool | None  # generate's tokens equal the greedy loop's
 
     @property
     def end_to_end_s(self) -> float:
@@ -174,9 +177,11 @@ def timed_run(model: nn.Module, prompt: torch.Tensor, long_prompt: torch.Tensor,
     generation = greedy_generate(model, prompt, settings.new_tokens, clock)
     long_prefill_s = timed_prefill(model, long_prompt.to(device), clock)
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+    timing = generation.prefill_s, generation.decode_s, long_prefill_s, generation.kv_cache_bytes, peak
+    if not settings.time_generate:
+        return Run(*timing, None, None, None)
     generated, generate_s = timed_generate(model, prompt, settings.new_tokens, clock)
-    return Run(generation.prefill_s, generation.decode_s, long_prefill_s, generation.kv_cache_bytes, peak,
-               generate_s, generated.shape[1], torch.equal(generated, generation.tokens))
+    return Run(*timing, generate_s, generated.shape[1], torch.equal(generated, generation.tokens))
 
 
 def run_order(names: list[str], run: int) -> list[str]:
@@ -208,11 +213,12 @@ def summarize(model: nn.Module, runs: list[Run], settings: LatencySettings) -> d
                                  **mean_std([settings.prefill_tokens / r.long_prefill_s for r in kept])},
         "generate": {"end_to_end_s": mean_std([r.generate_s for r in kept]),
                      "new_tokens": kept[-1].generate_new_tokens,
-                     "same_tokens_as_loop": all(r.generate_same_tokens for r in runs)},
+                     "same_tokens_as_loop": all(r.generate_same_tokens for r in runs)}
+        if settings.time_generate else None,
         "memory": memory,
         "raw": {"end_to_end_s": [r.end_to_end_s for r in runs], "prefill_s": [r.prefill_s for r in runs],
                 "decode_s": [r.decode_s for r in runs], "long_prefill_s": [r.long_prefill_s for r in runs],
-                "generate_s": [r.generate_s for r in runs]},
+                **({"generate_s": [r.generate_s for r in runs]} if settings.time_generate else {})},
     }
 
 
@@ -334,7 +340,7 @@ def benchmark(candidate: LoadedModel, baseline: LoadedModel | None, settings: La
         results[role] = {"name": loaded.name, "weights_sha256": loaded.weights_sha256, **results[role]}
 
     def compare(metric: str) -> dict | None:
-        if baseline is None:
+        if baseline is None or metric == "generate_s" and not settings.time_generate:
             return None
         kept = {role: results[role]["raw"][metric][settings.warmup:] for role in roles}
         return {"of": metric, **speedup_stats(kept["baseline"], kept["candidate"])}
@@ -375,8 +381,9 @@ def summary_table(record: dict) -> Table:
     row(f"end-to-end s ({settings['new_tokens']} tokens)",
         lambda r: f"{r['end_to_end_s']['mean']:.3f} ± {r['end_to_end_s']['std']:.3f}")
     row("decode ms/token", lambda r: f"{r['decode_ms_per_token']['mean']:.2f} ± {r['decode_ms_per_token']['std']:.2f}")
-    row(f"generate() s ({settings['new_tokens']} tokens)",
-        lambda r: f"{r['generate']['end_to_end_s']['mean']:.3f} ± {r['generate']['end_to_end_s']['std']:.3f}")
+    if record["models"][roles[0]]["generate"] is not None:
+        row(f"generate() s ({settings['new_tokens']} tokens)",
+            lambda r: f"{r['generate']['end_to_end_s']['mean']:.3f} ± {r['generate']['end_to_end_s']['std']:.3f}")
     row(f"prefill ms ({settings['prompt_tokens']} tokens)",
         lambda r: f"{1000 * r['prefill_s']['mean']:.1f} ± {1000 * r['prefill_s']['std']:.1f}")
     row(f"prefill tokens/s ({settings['prefill_tokens']} tokens)",
