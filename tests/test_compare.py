@@ -7,7 +7,7 @@ import pytest
 
 import mop.pipeline
 from mop.cli import main
-from mop.compare import parse_method, run_compare
+from mop.compare import PRESETS, method_config, parse_method, run_compare
 from mop.errors import MopError
 from mop.models import load_model
 from mop.pipeline import PipelineConfig
@@ -45,6 +45,13 @@ def test_parse_method():
                 "x:recovery.nonsense=1"):
         with pytest.raises(MopError):
             parse_method(bad)
+
+
+def test_every_preset_is_a_registered_method_with_valid_settings():
+    for label in PRESETS:
+        assert method_config(tiny_config(), parse_method(label)[1]).search.method in ("mop", "shortgpt", "llm-pruner")
+    with pytest.raises(MopError, match="unknown pruning method"):
+        method_config(tiny_config(), parse_method("x:method=llm_pruner")[1])
 
 
 def test_compare_matched_sizes_report_and_incremental_reruns(tiny_dirs, tmp_path, computed, monkeypatch):

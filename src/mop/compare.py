@@ -25,6 +25,7 @@ from pathlib import Path
 from mop import pipeline
 from mop.errors import MopError
 from mop.pipeline import PipelineConfig, check_targets, check_tasks, run_pipeline
+from mop.pruning import methods as pruning_methods
 from mop.pruning.search import SearchConfig
 from mop.training import FinetuneConfig, LoraSettings
 
@@ -40,7 +41,7 @@ PRESETS: dict[str, dict] = {
     "mop-bi": {"layer_criterion": "block_influence"},
     "depth-bi": {"mode": "depth", "layer_criterion": "block_influence"},
     "shortgpt": {"method": "shortgpt"},
-    "llm-pruner": {"method": "llm_pruner"},
+    "llm-pruner": {"method": "llm-pruner"},
 }
 _METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "seed", "lora"}
 _RECOVERY_FIELDS = {f.name for f in fields(FinetuneConfig)} - {"seed", "lora"}
@@ -84,6 +85,7 @@ def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
     search = {k: v for k, v in overrides.items() if k != "recovery"}
     config = replace(base, search=replace(base.search, **search))
     config.search.validate()
+    pruning_methods.known(config.search.method)
     if "recovery" in overrides:
         if base.recovery is None:
             raise MopError(f"recovery settings {overrides['recovery']} given, but the comparison has no recovery")
