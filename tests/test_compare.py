@@ -41,10 +41,22 @@ def test_parse_method():
         "fast-kl", {"path_criterion": "kl", "tune_steps_per_iteration": 1, "calib_samples": 4})
     assert parse_method("depth-kd:mode=depth,recovery.method=kd,recovery.learning_rate=0.002") == (
         "depth-kd", {"mode": "depth", "recovery": {"method": "kd", "learning_rate": 0.002}})
+    assert parse_method("kl-short:path_criterion=kl,lora.max_length=256,lora.batch_size=8") == (
+        "kl-short", {"path_criterion": "kl", "lora": {"max_length": 256, "batch_size": 8}})
     for bad in ("nonsense", "x:seed=1", "x:mode", ":mode=depth", "dense", "x:recovery.seed=1", "x:recovery.lora=1",
-                "x:recovery.nonsense=1"):
+                "x:recovery.nonsense=1", "x:lora.nonsense=1", "x:lora=1", "x:search.mode=depth"):
         with pytest.raises(MopError):
             parse_method(bad)
+
+
+def test_a_method_sets_its_short_tuning_apart_from_the_recovery():
+    base = tiny_config()
+    config = method_config(base, parse_method("kl-short:path_criterion=kl,lora.max_length=64,lora.batch_size=2")[1])
+    assert (config.search.lora.max_length, config.search.lora.batch_size) == (64, 2)
+    assert config.search.lora.micro_batch_size == base.search.lora.micro_batch_size == 4
+    assert config.recovery == base.recovery and base.search.lora.max_length == 512
+    with pytest.raises(MopError, match="LoRA batch size must be positive"):
+        method_config(base, parse_method("x:lora.batch_size=0")[1])
 
 
 def test_every_preset_is_a_registered_method_with_valid_settings():

@@ -7,7 +7,8 @@ evaluated on the same tasks and documents and timed with the same protocol, in o
     OUT/report.md, OUT/results.json, OUT/*.png
 
 A method is a preset name (`mop`, `depth`, `width`, `mop-kl`, `shortgpt`, ...; see PRESETS) or
-`LABEL:field=value,...` with fields of `SearchConfig` (e.g. `mop-kl-fast:path_criterion=kl,tune_steps_per_iteration=1`)
+`LABEL:field=value,...` with fields of `SearchConfig` (e.g. `mop-kl-fast:path_criterion=kl,tune_steps_per_iteration=1`),
+`lora.FIELD=value` for the LoRA settings of the search's short tuning of candidates (e.g. `lora.max_length=256`)
 and, for a variant recovered otherwise than the shared settings say, `recovery.FIELD=value` with fields of
 `FinetuneConfig` or its `LoraSettings` (e.g. `mop-kd:recovery.method=kd,recovery.learning_rate=0.002`); the
 report lists what each method sets.
@@ -46,7 +47,8 @@ PRESETS: dict[str, dict] = {
 _METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "seed", "lora"}
 _RECOVERY_FIELDS = {f.name for f in fields(FinetuneConfig)} - {"seed", "lora"}
 _LORA_FIELDS = {f.name for f in fields(LoraSettings)}
-_FIELDS = _METHOD_FIELDS | {f"recovery.{name}" for name in _RECOVERY_FIELDS | _LORA_FIELDS}
+_FIELDS = _METHOD_FIELDS | {f"lora.{name}" for name in _LORA_FIELDS} \
+    | {f"recovery.{name}" for name in _RECOVERY_FIELDS | _LORA_FIELDS}
 
 
 def _value(text: str):
@@ -59,8 +61,8 @@ def _value(text: str):
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """`NAME` (a preset) or `LABEL:field=value,...` → (label, the SearchConfig fields it sets, with the recovery
-    fields it sets under "recovery")."""
+    """`NAME` (a preset) or `LABEL:field=value,...` → (label, the SearchConfig fields it sets, with the short
+    tuning's LoRA fields under "lora" and the recovery fields under "recovery")."""
     label, _, settings = spec.partition(":")
     if not label or "/" in label or label in ("dense", "."):
         raise MopError(f"method {spec!r}: give a name (a preset, or LABEL:field=value,...)")
@@ -73,8 +75,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
         key, equals, value = item.partition("=")
         if not equals or key not in _FIELDS:
             raise MopError(f"method {spec!r}: {item!r} is not field=value with a field of {', '.join(sorted(_FIELDS))}")
-        if key.startswith("recovery."):
-            overrides.setdefault("recovery", {})[key.removeprefix("recovery.")] = _value(value)
+        group, dot, name = key.partition(".")
+        if dot:
+            overrides.setdefault(group, {})[name] = _value(value)
         else:
             overrides[key] = _value(value)
     return label, overrides
@@ -82,8 +85,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
     """The shared settings with a method's own: its search fields, and recovery fields where it sets some."""
-    search = {k: v for k, v in overrides.items() if k != "recovery"}
-    config = replace(base, search=replace(base.search, **search))
+    search = {k: v for k, v in overrides.items() if k not in ("lora", "recovery")}
+    tuning = replace(base.search.lora, **overrides.get("lora", {}))
+    config = replace(base, search=replace(base.search, **search, lora=tuning))
     config.search.validate()
     pruning_methods.known(config.search.method)
     if "recovery" in overrides:

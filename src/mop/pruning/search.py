@@ -74,6 +74,7 @@ class SearchConfig:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
         if self.tensor_parallel < 1 or self.mlp_multiple < 1:
             raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
+        self.lora.validate()
 
     @property
     def alignment(self) -> Alignment:

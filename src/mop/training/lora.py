@@ -13,6 +13,7 @@ import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 
+from mop.errors import MopError
 from mop.models import adapter_for
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,6 +34,15 @@ class LoraSettings:
     # is about one forward, so a step costs ~1.5x the compute (1.75x measured, docs/benchmarks/finetune.md), and
     # the activations of one layer are held at a time instead of all of them (~0.5x the peak memory)
     activation_checkpointing: bool = True
+
+    def validate(self) -> None:
+        positive = {"batch size": self.batch_size, "micro batch size": self.micro_batch_size,
+                    "max length": self.max_length, "rank": self.rank, "learning rate": self.learning_rate}
+        for name, value in positive.items():
+            if value <= 0:
+                raise MopError(f"LoRA {name} must be positive, not {value}")
+        if not 0 <= self.dropout < 1:
+            raise MopError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
 
 
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Module:

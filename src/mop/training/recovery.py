@@ -45,19 +45,14 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
 
     def validate(self) -> None:
-        lora = self.lora
         if self.method not in METHODS:
             raise MopError(f"unknown method {self.method}; choose one of {', '.join(METHODS)}")
-        positive = {"batch size": lora.batch_size, "micro batch size": lora.micro_batch_size,
-                    "max length": lora.max_length, "rank": lora.rank, "save every": self.save_every,
-                    "learning rate": lora.learning_rate, "kd temperature": self.kd_temperature}
-        for name, value in positive.items():
+        self.lora.validate()
+        for name, value in {"save every": self.save_every, "kd temperature": self.kd_temperature}.items():
             if value <= 0:
                 raise MopError(f"{name} must be positive, not {value}")
         if self.max_steps is None and self.epochs <= 0 or self.max_steps is not None and self.max_steps <= 0:
             raise MopError("nothing to train: give a positive --epochs or --max-steps")
-        if not 0 <= lora.dropout < 1:
-            raise MopError(f"dropout must be in [0, 1), not {lora.dropout}")
 
     def identity(self) -> dict:
         """Everything that decides the weights (how often the state is saved does not)."""
