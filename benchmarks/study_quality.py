@@ -43,15 +43,15 @@ SHARED = ["--recovery-steps", "32", "--recovery-batch-size", "16", "--recovery-m
           "--tasks", "arc_easy,hellaswag,piqa,winogrande,wikitext", "--eval-limit", "250", "--eval-ppl-segments", "32",
           "--eval-batch-size", "16"]
 
-SHORT_TUNING = "tune_steps_per_iteration=1,lora.batch_size=8,lora.micro_batch_size=8,lora.max_length=256"
+SHORT_TUNING = "tune_steps_per_iteration=1,lora.batch_size=4,lora.micro_batch_size=4,lora.max_length=256"
 # (label, method spec, seed[, its targets if not all]) in groups, in the order the issue asks for: the core
 # comparison, then peers, then criteria, then the variants the evidence suggests; a group is run at 20%, then 30%,
 # then 40% before the next.
 GROUPS = [
     [("mop", "mop", 0), ("depth", "depth", 0), ("width", "width", 0), ("mop", "mop", 1), ("mop", "mop", 2)],
     [("shortgpt", "shortgpt", 0), ("llm-pruner", "llm-pruner", 0)],
-    # the searching criteria with a reduced short tuning: 1·t steps instead of 10·t, of 8 rows of ≤ 256 tokens (the
-    # recovery's row length and micro-batch) instead of 16 of ≤ 512; 32 path texts, or 4 segments for ppl
+    # the searching criteria with a reduced short tuning: 1·t steps instead of 10·t, of 4 rows of ≤ 256 tokens (the
+    # recovery's row length) instead of 16 of ≤ 512; 32 path texts, or 4 segments for ppl
     [("mop-kl", f"mop-kl:path_criterion=kl,path_samples=32,{SHORT_TUNING}", 0),
      ("mop-cosine", f"mop-cosine:path_criterion=cosine,path_samples=32,{SHORT_TUNING}", 0),
      ("mop-ppl", f"mop-ppl:path_criterion=ppl,ppl_segments=4,{SHORT_TUNING}", 0)],
