@@ -3,17 +3,21 @@
 A cell is one (target, method, seed): `mop compare` with the study's shared settings up to that target, run in a
 child process into `runs/study/` (checkpoints stay there, never in git); its recovery and evaluation take about
 20 minutes on 2 quiet cores. Cells run group by group (core comparison, peers, criteria, variants), each group at
-20%, 30%, then 40%. The search of a method is nested: a later target extends it. After every cell the small result files — evaluations,
-latency records, each checkpoint's mop.json and the settings — are copied to `docs/study/smollm2/`, the report is
-rewritten there, and (with --commit) committed. A rerun first copies `docs/study/smollm2/` back into
-`runs/study/`, so on a fresh machine only the missing cells (and, within a cell, the missing targets) run.
+20%, 30%, then 40%. The search of a method is nested: a later target extends it. After every cell the small
+result files — evaluations, latency records, each checkpoint's mop.json and the settings — are copied to
+`docs/study/smollm2/`, the report is rewritten there, and (with --commit) committed. A rerun first copies
+`docs/study/smollm2/` back into `runs/study/`, so on a fresh machine only the missing cells (and, within a cell,
+the missing targets) run.
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench]
 
 `--bench` is the latency pass: it times every cell already evaluated and computes no new one (run it on a quiet
 machine, nothing beside it), by the paper's protocol without also timing `model.generate` (`--bench-no-generate`:
-five minutes a cell instead of ten on 2 cores; the speedup is that of mop's greedy loop either way). Latency depends on the shapes only, so where a recovered checkpoint is gone (a fresh
-machine) the pipeline re-prunes and times the pruned one, without recovering it again.
+five minutes a cell instead of ten on 2 cores; the speedup is that of mop's greedy loop either way). Latency
+depends on the shapes only, so where a recovered checkpoint is gone (a fresh machine) the pipeline re-prunes and
+times the pruned one, without recovering it again; and a cell whose architecture was timed already (depth-only
+and ShortGPT remove as many layers of one shape; a variant recovered otherwise keeps its search's shapes) takes
+that record, with `same_shapes_as` naming the timed cell.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ MODEL = "smollm2-135m"
 # One recovery budget for every method, the largest that fits the issue's 12-hour envelope for the whole grid: 32
 # steps of 16 rows of at most 256 tokens (512 of the 999 local Alpaca rows, about 13 minutes on 2 quiet cores; one
 # epoch, 63 steps, is measured once for MoP seed 0 at 20% in docs/study/smollm2-epoch1/; the paper: 2 epochs of 52k
-# rows of 512 — `--recovery-epochs 2 --recovery-max-length 512` with the 52k file on a GPU). Tasks on fixed first-N document subsets, perplexity on the first 32 segments of the
-# standard WikiText-2 protocol (of 148).
+# rows of 512 — `--recovery-epochs 2 --recovery-max-length 512` with the 52k file on a GPU). Tasks on fixed
+# first-N document subsets, perplexity on the first 32 segments of the standard WikiText-2 protocol (of 148).
 TARGETS = (0.2, 0.3, 0.4)
 SHARED = ["--recovery-steps", "32", "--recovery-batch-size", "16", "--recovery-micro-batch-size", "8",
           "--recovery-max-length", "256", "--no-activation-checkpointing",
@@ -132,6 +136,46 @@ def done(label: str, seed: int, target: float, bench: bool) -> bool:
     return (seed_dir / "eval" / name).is_file() and (not bench or (seed_dir / "bench" / name).is_file())
 
 
+def architecture(label: str, seed: int, name: str) -> tuple[int, int, int, int]:
+    """What latency depends on, from a checkpoint's mop.json: layers removed, KV groups and MLP neurons removed
+    from each layer (every method here keeps the widths uniform across layers), parameters."""
+    checkpoint = DOCS / label / f"seed-{seed}" / "recovered" / name.removesuffix(".json")
+    record = json.loads((checkpoint / "mop.json").read_text())
+    widths = [step["width_plan"] for step in record["iterations"] if step["choice"] == "W"]
+    return (sum(step["choice"] == "D" for step in record["iterations"]),
+            sum(plan["groups_per_layer"] for plan in widths), sum(plan["neurons_per_layer"] for plan in widths),
+            record["params"])
+
+
+def timed_twin(label: str, seed: int, target: float) -> Path | None:
+    """A latency record of another cell whose checkpoint has this cell's architecture."""
+    name = f"target-{round(target * 100)}.json"
+    shapes = architecture(label, seed, name)
+    for record in sorted(DOCS.glob(f"*/seed-*/bench/{name}")):
+        other_label, other_seed = record.parts[-4], int(record.parts[-3].removeprefix("seed-"))
+        if (other_label, other_seed) != (label, seed) and architecture(other_label, other_seed, name) == shapes:
+            return record
+    return None
+
+
+def take_timing(label: str, seed: int, target: float, twin: Path, args: argparse.Namespace) -> None:
+    """This cell's latency record: the twin's, saying so; then the comparison's report again."""
+    from mop.report import write_comparison
+
+    record = json.loads(twin.read_text())
+    record["same_shapes_as"] = "/".join(twin.relative_to(DOCS).parts[:2] + (twin.stem,))
+    destination = RUNS / label / f"seed-{seed}" / "bench" / twin.name
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(json.dumps(record, indent=1))
+    write_comparison(RUNS, MODEL)
+    sync(RUNS, DOCS)
+    name = f"{label} seed {seed} at {target:.0%}"
+    print(f"[{time.strftime('%H:%M:%S')}] cell {name}: the same shapes as {record['same_shapes_as']}, timed there",
+          flush=True)
+    if args.commit:
+        commit(f"study: latency of {name} (the same shapes as {record['same_shapes_as']})")
+
+
 def commit(message: str) -> None:
     for attempt in range(5):
         subprocess.run(["git", "add", str(DOCS)], cwd=ROOT, check=False)
@@ -156,8 +200,13 @@ def main() -> None:
                 if its_targets and target not in its_targets[0] or args.only and label not in args.only:
                     continue
                 evaluated = done(label, seed, target, bench=False)
-                if (evaluated and not done(label, seed, target, bench=True)) if args.bench else not evaluated:
+                if not args.bench and not evaluated:
                     run_cell(label, spec, seed, target, args)
+                elif args.bench and evaluated and not done(label, seed, target, bench=True):
+                    if twin := timed_twin(label, seed, target):
+                        take_timing(label, seed, target, twin, args)
+                    else:
+                        run_cell(label, spec, seed, target, args)
 
 
 def run_cell(label: str, spec: str, seed: int, target: float, args: argparse.Namespace) -> None:
