@@ -84,7 +84,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def method_config(base: PipelineConfig, overrides: dict) -> PipelineConfig:
-    """The shared settings with a method's own: its search fields, and recovery fields where it sets some."""
+    """The shared settings with a method's own: its search fields, its short tuning's LoRA fields and its
+    recovery fields, where it sets some."""
     search = {k: v for k, v in overrides.items() if k not in ("lora", "recovery")}
     tuning = replace(base.search.lora, **overrides.get("lora", {}))
     config = replace(base, search=replace(base.search, **search, lora=tuning))
