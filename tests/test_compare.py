@@ -103,6 +103,11 @@ def test_compare_matched_sizes_report_and_incremental_reruns(tiny_dirs, tmp_path
     worst = (f"{100 * min(r['average'] for r in seeds.values()):.1f} / "
              f"{max(r['perplexity'] for r in seeds.values()):.2f}")
     assert f"| {worst} |" in (out / "report.md").read_text().split("## 40% target")[0]  # the 20% table
+    # a rerun for fewer targets (the study's latency pass of a 20% cell) still reports every target found
+    run_compare(model, tiny_config(search=SearchConfig(targets=[0.2], calib_samples=8, calib_max_length=64)),
+                dict([parse_method("width")]), out)
+    assert "## 20% target" in (out / "report.md").read_text() and "## 40% target" in (out / "report.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["targets"] == [0.2, 0.4]
 
 
 def test_compare_refuses_other_shared_settings(tiny_dirs, tmp_path, capsys):

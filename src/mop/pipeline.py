@@ -90,11 +90,15 @@ def stage(output: Path, compute: Callable[[], dict], what: str) -> dict:
     return record
 
 
-def claim_directory(out: Path, settings_file: str, identity: dict, what: str, **record) -> None:
-    """Record `identity` in OUT/`settings_file` (with `record`), or refuse an OUT that holds another `what`."""
+def claim_directory(out: Path, settings_file: str, identity: dict, what: str, **record: list) -> None:
+    """Record `identity` in OUT/`settings_file` with `record` (lists such as targets and seeds, kept as the union
+    with the earlier runs' so that a rerun for fewer of them forgets none), or refuse an OUT that holds another
+    `what`."""
     settings, identity = out / settings_file, json.loads(json.dumps(identity))
     if settings.is_file():
-        saved = json.loads(settings.read_text())["identity"]
+        saved_settings = json.loads(settings.read_text())
+        saved = saved_settings["identity"]
+        record = {key: sorted(set(values) | set(saved_settings.get(key, []))) for key, values in record.items()}
         if saved != identity:
             differs = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
             raise MopError(f"{out} holds a {what} with other settings (differs in: {', '.join(differs)}); "
