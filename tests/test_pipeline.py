@@ -3,6 +3,7 @@ redoes nothing, a new seed only adds its own stages, and another run's directory
 
 import json
 import statistics
+from dataclasses import asdict
 
 import pytest
 
@@ -12,6 +13,7 @@ from mop.errors import MopError
 from mop.latency import LatencySettings
 from mop.pipeline import PipelineConfig, run_pipeline
 from mop.pruning.search import SearchConfig
+from mop.report import markdown
 from mop.training import FinetuneConfig, LoraSettings
 
 SEARCH = dict(calib_samples=8, calib_max_length=64)
@@ -60,6 +62,9 @@ def test_run_writes_every_stage_and_a_report_of_their_numbers(tiny_dirs, tmp_pat
     for plot in ("accuracy_vs_compression.png", "accuracy_vs_latency.png", "paths.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text())["checkpoints"]["target-40"]["0"]["params"] == row["params"]
+    assert "`model.generate` is timed too" in report  # and a run with --bench-no-generate says it was not:
+    untimed = {**tiny_config([0]).identity(), "latency": asdict(LatencySettings(time_generate=False))}
+    assert "`model.generate` is not timed" in markdown(results, "tiny", untimed)
 
     stage_calls.clear()  # a rerun redoes nothing ...
     same = lambda record: json.loads(json.dumps(record))
