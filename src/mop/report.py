@@ -149,6 +149,9 @@ def markdown(results: dict, model: str, settings: dict) -> str:
               "![accuracy vs latency](accuracy_vs_latency.png)", "", "![paths](paths.png)", ""]
     timed = [r for per_seed in checkpoints.values() for r in per_seed.values() if "latency_s" in r]
     if timed:
+        generate = ("`model.generate` is timed too, and its speedup is in `seed-S/bench/target-XX.json` "
+                    "(`generate_speedup`)." if settings["latency"]["time_generate"]
+                    else "`model.generate` is not timed (`--bench-no-generate`).")
         lines += ["## Latency", "",
                   f"Batch 1, a {settings['latency']['prompt_tokens']}-token prompt, {settings['latency']['new_tokens']} "
                   f"generated tokens, {settings['latency']['runs']} runs of which the first "
@@ -156,10 +159,7 @@ def markdown(results: dict, model: str, settings: dict) -> str:
                   f"{timed[0]['device']}, {timed[0]['dtype']}. Dense: {dense.get('latency_s', float('nan')):.3f} s. "
                   "Times are those of mop's own greedy loop (exactly that many tokens, EOS not stopping it, no "
                   "logits processors; the same tokens as greedy `generate`), which isolates the forward passes "
-                  "pruning speeds up; "
-                  + ("`model.generate` is timed too, and its speedup is in `seed-S/bench/target-XX.json` "
-                     "(`generate_speedup`)." if settings["latency"]["time_generate"]
-                     else "`model.generate` is not timed (`--bench-no-generate`)."), "",
+                  f"pruning speeds up; {generate}", "",
                   *_table(["target", "seed", "end-to-end s", "decode ms/token", "speedup"],
                           [[name, f"seed {seed}", f"{r['latency_s']:.3f}", f"{r['decode_ms_per_token']:.2f}",
                             f"{r['speedup']:.2f} ± {r['speedup_std']:.2f}×"]
