@@ -34,9 +34,12 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_killed_run_resumes_to_bitwise_identical_result(tiny_dirs, tmp_path):
-    """kl criterion with short tuning (slow enough to be killed between iterations), two targets."""
-    args = ["--target", "0.2", "--target", "0.55", "--path-criterion", "kl", "--tune-steps", "1", "--seed", "3"]
+@pytest.mark.parametrize("repair", [[], ["--compensation", "lstsq"]], ids=["plain", "compensated"])
+def test_killed_run_resumes_to_bitwise_identical_result(tiny_dirs, tmp_path, repair):
+    """kl criterion with short tuning (slow enough to be killed between iterations), two targets; with
+    compensation, the replayed iterations compute their repairs again, bitwise."""
+    args = ["--target", "0.2", "--target", "0.55", "--path-criterion", "kl", "--tune-steps", "1", "--seed", "3",
+            *repair]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], whole, *args), check=True, capture_output=True)
     total = iterations_logged(whole)

@@ -25,6 +25,7 @@ from rich.table import Table
 from mop import logs
 from mop.errors import MopError
 from mop.plugins import load_plugins
+from mop.pruning.compensation import DEFAULT_RIDGE, METHODS as COMPENSATIONS
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
 
@@ -180,7 +181,12 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-criterion", default="random", choices=sorted(PATH_CRITERIA))
     parser.add_argument("--layer-criterion", default="third_to_last", choices=sorted(LAYER_CRITERIA))
     parser.add_argument("--width-criterion", default="amp", choices=sorted(WIDTH_CRITERIA))
-    parser.add_argument("--calib", default="alpaca", help="AMP calibration data: alpaca, wikitext2, c4 or a file")
+    parser.add_argument("--compensation", default="none", choices=COMPENSATIONS,
+                        help="repair every cut in closed form from the calibration activations (lstsq) or not")
+    parser.add_argument("--compensation-ridge", type=float, default=DEFAULT_RIDGE,
+                        help="the repair's ridge, a share of the mean diagonal of the kept inputs' Gram")
+    parser.add_argument("--calib", default="alpaca",
+                        help="calibration data (AMP, block influence, compensation): alpaca, c4, wikitext2-valid or a file")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per scoring forward pass")
@@ -205,7 +211,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
     config = SearchConfig(
         targets=args.target, method=args.method, mode=args.mode, layer_criterion=args.layer_criterion,
         width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed,
-        compression_of=args.compression_of, calib=args.calib,
+        compression_of=args.compression_of, compensation=args.compensation,
+        compensation_ridge=args.compensation_ridge, calib=args.calib,
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,
@@ -557,7 +564,8 @@ def print_summary(state) -> None:
         table.add_column(column, justify="right")
     for r in state.iterations:
         table.add_row(str(r["iteration"]), r["choice"], r["decided_by"], str(r["layer"]) if r["choice"] == "D" else "",
-                      f"{r['params']:,}", f"{r['compression']:.2%}", f"{r['seconds']:.1f}")
+                      f"{r['params']:,}", f"{r['compression']:.2%}",
+                      f"{r['seconds']:.1f}" if "seconds" in r else "")  # ShortGPT cuts its layers at the end
     console = Console()
     console.print(table)
     for name, reached in sorted(state.targets.items()):

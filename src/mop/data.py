@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # name -> (file under MOP_DATA_DIR, hub loader arguments)
 NAMED = {
     "wikitext2": ("wikitext2/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test")),
+    # calibration text that is not the test split perplexity is measured on (the local copy is the tokenized
+    # wikitext-2-v1 validation file, with <unk>; no raw validation file was found)
+    "wikitext2-valid": ("wikitext2/valid.txt", ("wikitext", "wikitext-2-raw-v1", "validation")),
     "alpaca": ("alpaca/alpaca_en_demo.json", ("yahma/alpaca-cleaned", None, "train")),
     "c4": ("c4/c4_demo.jsonl", ("allenai/c4", "en", "validation")),
 }
@@ -175,6 +178,8 @@ def load_calibration(spec: str) -> list[str]:
     rows, source = load_rows(spec)
     if rows and isinstance(rows[0], dict) and "instruction" in rows[0]:
         return [alpaca_prompt(row) for row in rows]
+    if spec.startswith("wikitext2"):  # paragraphs: the heading rows (" = Title = ") are a few tokens each
+        return [text for text in load_texts(spec) if not text.strip().startswith("=")]
     return load_texts(spec)
 
 

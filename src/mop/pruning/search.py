@@ -14,6 +14,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mop import data
+from mop.pruning.compensation import (METHODS as COMPENSATIONS, CompensationSettings, Repair, compensation_record, cut,
+                                     repair_for)
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
 from mop.provenance import versions
@@ -21,7 +23,7 @@ from mop.models import (LoadedModel, count_all_params, count_params, embedding_p
                         release_freed_memory, save_checkpoint)
 from mop.models.adapters import LayerShape
 from mop.pruning.state import RunState, target_name
-from mop.pruning.surgery import masked_width, prune_width, remove_layer, structural_copy
+from mop.pruning.surgery import masked_width, remove_layer, structural_copy
 from mop.training import LoraSettings, lora_attached, train
 from mop.pruning.width import Alignment, WidthPlan, WidthUnits, lowest_units, plan_width, width_floor
 
@@ -58,6 +60,8 @@ class SearchConfig:
     tune_steps_per_iteration: int = 10  # iteration t tunes each candidate for this × t steps
     tensor_parallel: int = 1  # width steps leave head counts that shard over this many devices (`Alignment`)
     mlp_multiple: int = 1  # ... and MLP widths that are multiples of tensor_parallel × this many neurons
+    compensation: str = "none"  # one of COMPENSATIONS: repair every cut in closed form (mop.pruning.compensation)
+    compensation_ridge: float = CompensationSettings.ridge
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
@@ -69,22 +73,32 @@ class SearchConfig:
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
-                                      ("compression", self.compression_of, COMPRESSIONS)):
+                                      ("compression", self.compression_of, COMPRESSIONS),
+                                      ("compensation", self.compensation, COMPENSATIONS)):
             if value not in registry:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
         if self.tensor_parallel < 1 or self.mlp_multiple < 1:
             raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
+        if not self.compensation_ridge > 0:
+            raise MopError(f"compensation ridge {self.compensation_ridge} must be > 0")
         self.lora.validate()
 
     @property
     def alignment(self) -> Alignment:
         return Alignment(self.tensor_parallel, self.mlp_multiple)
 
+    @property
+    def compensation_settings(self) -> CompensationSettings:
+        return CompensationSettings(self.compensation, self.compensation_ridge)
+
     def identity(self) -> dict:
         """Everything that decides the path; the targets only decide where it stops. An alignment of 1 (none)
-        is left out: such runs are the runs made before the option existed, and stay theirs."""
-        return {k: v for k, v in asdict(self).items()
-                if k != "targets" and not (k in ("tensor_parallel", "mlp_multiple") and v == 1)}
+        and no compensation are left out: such runs are the runs made before the options existed, and stay
+        theirs."""
+        unset = {"tensor_parallel": 1, "mlp_multiple": 1}
+        if self.compensation == "none":
+            unset.update(compensation="none", compensation_ridge=self.compensation_ridge)
+        return {k: v for k, v in asdict(self).items() if k != "targets" and not (k in unset and unset[k] == v)}
 
 
 MEASURES = {"all": "of all parameters", "body": "of non-embedding parameters"}  # what --compression-of targets
@@ -202,15 +216,29 @@ class Search:
         groups, neurons = lowest_units(scores, plan)
         return {"groups": groups, "neurons": neurons}
 
-    def _score(self, model: nn.Module, iteration: int, width: dict | None = None, layer: int | None = None) -> float:
+    def _repair(self, model: nn.Module, width: dict | None = None, layer: int | None = None) -> Repair | None:
+        """The closed-form repair of cutting `width` units or `layer` from `model` (None: compensation off)."""
+        return repair_for(model, self.adapter, self.calibration, self.config.compensation_settings, width, layer)
+
+    def _cut(self, model: nn.Module, width: dict | None = None, layer: int | None = None,
+             repair: Repair | None = None) -> list[dict] | None:
+        """Cut `width` units or `layer` from `model` in place, repaired first when compensation is on."""
+        return cut(model, self.adapter, self.calibration, self.config.compensation_settings, width, layer,
+                   repair=repair)
+
+    def _score(self, model: nn.Module, iteration: int, width: dict | None = None, layer: int | None = None,
+               repair: Repair | None = None) -> float:
         """Path score of one candidate of F^(t-1) = `model`: the width candidate (`width` units masked) or the
-        depth candidate (`layer` removed from a structural copy). Either shares every weight with `model`; it
-        is tuned with LoRA (tune_steps_per_iteration × t steps on this iteration's subset), then scored."""
+        depth candidate (`layer` removed from a structural copy), repaired by `repair` when compensation is on.
+        Either shares every weight with `model` but the repaired ones; it is tuned with LoRA
+        (tune_steps_per_iteration × t steps on this iteration's subset), then scored."""
         c = self.config
         steps = c.tune_steps_per_iteration * iteration
         seed = hash_seed(c.seed, iteration)
         rows = data.sample(self.tune_rows, steps * c.lora.batch_size, seed) if steps else []
         candidate = structural_copy(model)
+        if repair is not None:
+            repair.apply(candidate, self.adapter)
         if layer is not None:
             remove_layer(candidate, self.adapter, layer)
         branch = "depth" if layer is not None else "width"
@@ -233,21 +261,23 @@ class Search:
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
             raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
-        scores, removed = None, None
+        scores, removed, repairs = None, None, {}
         if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
             choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
         elif not self._scores_candidates:
             choice, decided_by = coin(c.seed, iteration), c.path_criterion
         else:
             removed = self._width_units(model, plan)
-            scores = {"W": self._score(model, iteration, width=removed), "D": self._score(model, iteration, layer=layer)}
+            repairs = {"W": self._repair(model, width=removed), "D": self._repair(model, layer=layer)}
+            scores = {"W": self._score(model, iteration, width=removed, repair=repairs["W"]),
+                      "D": self._score(model, iteration, layer=layer, repair=repairs["D"])}
             choice, decided_by = ("W" if scores["W"] <= scores["D"] else "D"), c.path_criterion
         if choice == "W":  # the winner is built from F^(t-1)'s own, untuned weights
             removed = removed or self._width_units(model, plan)
-            prune_width(model, adapter, removed["groups"], removed["neurons"])
+            compensation = self._cut(model, width=removed, repair=repairs.get("W"))
             self.carry, self.neuron_carry = plan.carry_out, plan.neuron_carry_out
         else:
-            remove_layer(model, adapter, layer)
+            compensation = self._cut(model, layer=layer, repair=repairs.get("D"))
         params = count_params(model)
         record = {
             "iteration": iteration, "choice": choice, "decided_by": decided_by, "layer": layer,
@@ -256,17 +286,19 @@ class Search:
             "compression": 1 - params / self.original_params, "seconds": round(time.perf_counter() - started, 3),
             "removed": removed if choice == "W" else {"layer": layer},
         }
+        if compensation is not None:
+            record["compensation"] = compensation
         return record
 
     def replay(self, record: dict) -> None:
         """Apply a logged iteration again (resume): the same indices give bitwise the same weights."""
         removed = record["removed"]
         if record["choice"] == "W":
-            prune_width(self.model, self.adapter, removed["groups"], removed["neurons"])
+            self._cut(self.model, width=removed)
             self.carry = record["width_plan"]["carry_out"]
             self.neuron_carry = record["width_plan"].get("neuron_carry_out", 0.0)  # absent from older runs: 0
         else:
-            remove_layer(self.model, self.adapter, removed["layer"])
+            self._cut(self.model, layer=removed["layer"])
         if count_params(self.model) != record["params"]:
             raise MopError(f"{self.out}/run.json does not replay on this model (iteration {record['iteration']})")
 
@@ -338,7 +370,10 @@ class Search:
             "non_embedding_compression": self._non_embedding_compression(params),
             "whole_model": self._whole_model(params),
             "config": self.config.identity(),
-            "iterations": [{k: v for k, v in r.items() if k != "removed"} for r in iterations],
+            "iterations": [{k: v for k, v in r.items() if k not in ("removed", "compensation")} for r in iterations],
+            **compensation_record(self.config.compensation_settings,
+                                  [{"iteration": r["iteration"], **repair} for r in iterations
+                                   for repair in r.get("compensation", [])]),
         }
 
 

@@ -29,9 +29,7 @@ from mop.data import Batch
 from mop.models import DecoderAdapter, LayerShape, count_params, input_device
 from mop.pruning.criteria import UnitScores
 from mop.pruning.methods.oneshot import OneShotPruner
-from mop.pruning.search import calibration_batches
 from mop.pruning.state import RunState
-from mop.pruning.surgery import prune_width
 from mop.pruning.width import WidthPlan, WidthUnits, lowest_units
 
 
@@ -154,15 +152,14 @@ class LLMPruner(OneShotPruner):
         return n_layers * removable / self.original_params
 
     def score(self) -> dict:
-        batches = calibration_batches(self.loaded, self.config)
-        scores = taylor_importance(self.loaded.model, self.loaded.adapter, batches)
+        scores = taylor_importance(self.loaded.model, self.loaded.adapter, self.calibration)
         return {"groups": [s.groups.tolist() for s in scores], "neurons": [s.neurons.tolist() for s in scores]}
 
     def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
         """Remove from every layer its lowest-importance units, as many as `uniform_plan` says for `target`."""
         logged = next((r for r in state.iterations if r["target"] == target), None)
         if logged is not None:
-            prune_width(model, self.loaded.adapter, logged["removed"]["groups"], logged["removed"]["neurons"])
+            self.cut_units(model, width=logged["removed"])
             return [logged]
         started = time.perf_counter()
         adapter = self.loaded.adapter
@@ -173,7 +170,7 @@ class LLMPruner(OneShotPruner):
         unit_scores = [UnitScores(torch.tensor(g, dtype=torch.float64), torch.tensor(n, dtype=torch.float64))
                        for g, n in zip(scores["groups"], scores["neurons"], strict=True)]
         groups, neurons = lowest_units(unit_scores, plan)
-        prune_width(model, adapter, groups, neurons)
+        self.cut_units(model, width={"groups": groups, "neurons": neurons})
         params = count_params(model)
         record = {"iteration": len(state.iterations) + 1, "choice": "W", "decided_by": "llm_pruner", "layer": None,
                   "target": target, "width_plan": plan.record(), "params": params,

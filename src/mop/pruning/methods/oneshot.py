@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
 
 import torch.nn as nn
@@ -16,7 +17,9 @@ import torch.nn as nn
 from mop.models import LoadedModel, count_params, embedding_params, save_checkpoint
 from mop.errors import MopError
 from mop.provenance import versions
-from mop.pruning.search import SearchConfig, target_name
+from mop.data import Batch
+from mop.pruning.compensation import compensation_record, cut
+from mop.pruning.search import SearchConfig, calibration_batches, target_name
 from mop.pruning.state import RunState
 from mop.pruning.surgery import structural_copy
 
@@ -41,9 +44,10 @@ class OneShotPruner(ABC):
         for target in config.targets:
             if target > most:
                 raise MopError(f"target {target} cannot be reached by {config.method}: at most {most:.3f}")
+        compensation = {k: v for k, v in config.identity().items() if k.startswith("compensation")}  # if asked
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(loaded.model.dtype),
                          "method": config.method, "seed": config.seed, "compression_of": config.compression_of,
-                         **self.settings()}
+                         **self.settings(), **compensation}
         self.saved = RunState.check(out, self.identity)  # before any long work
 
     @abstractmethod
@@ -62,6 +66,20 @@ class OneShotPruner(ABC):
     def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
         """Prune `model`, a structural copy of the original, to `target`; append to `state.iterations` the
         records this target needs that the log lacks, and return the records that lead to this model."""
+
+    @cached_property
+    def calibration(self) -> list[Batch]:
+        """The run's calibration batches (read once, when first needed)."""
+        return calibration_batches(self.loaded, self.config)
+
+    def cut_units(self, model: nn.Module, width: dict | None = None, layer: int | None = None, count: int = 1) -> None:
+        """Cut `width` units, or the `count` decoder layers from `layer` on, from `model`, repaired first when
+        the run compensates (`mop.pruning.compensation`); the repair's records go to `self.repairs`, which the
+        target's mop.json lists."""
+        settings = self.config.compensation_settings
+        records = cut(model, self.loaded.adapter, self.calibration if settings.enabled else [], settings, width,
+                      layer, count)
+        self.repairs.extend(records or [])
 
     def goal(self, target: float) -> float:
         """Parameters a checkpoint at `target` may keep at most: (1 − target) · P0, or with
@@ -92,6 +110,7 @@ class OneShotPruner(ABC):
         state.save()  # the scores first: a checkpoint never sits in OUT without the run.json that explains it
         for target in pending:
             model = structural_copy(self.loaded.model)  # shares every tensor; pruning builds new ones
+            self.repairs: list[dict] = []
             records = self.cut(model, header["scores"], target, state)
             name = target_name(target)
             save_checkpoint(self.loaded, model, self.out / name, self.provenance(state, model, target, records))
@@ -114,4 +133,5 @@ class OneShotPruner(ABC):
             "compression": 1 - params / self.original_params,
             "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
             "iterations": records,
+            **compensation_record(self.config.compensation_settings, self.repairs),
         }

@@ -10,8 +10,6 @@ checkpoints of several targets remove nested prefixes of the same ranking.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,9 +18,7 @@ from tqdm.auto import tqdm
 from mop.data import Batch
 from mop.models import DecoderAdapter, count_params, input_device, layer_params
 from mop.pruning.methods.oneshot import OneShotPruner
-from mop.pruning.search import calibration_batches
 from mop.pruning.state import RunState
-from mop.pruning.surgery import remove_layer
 
 
 @torch.no_grad()
@@ -75,26 +71,41 @@ class ShortGPT(OneShotPruner):
         return (sum(sizes) - min(sizes)) / self.original_params
 
     def score(self) -> dict:
-        batches = calibration_batches(self.loaded, self.config)
-        return {"block_influence": block_influences(self.loaded.model, self.loaded.adapter, batches).tolist()}
+        return {"block_influence": block_influences(self.loaded.model, self.loaded.adapter, self.calibration).tolist()}
 
     def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
-        """Remove the lowest-BI layers, one at a time, until the model keeps at most (1 − target) · P0."""
+        """Remove the lowest-BI layers until the model keeps at most (1 − target) · P0: the removed set is chosen
+        one layer at a time (one record each), then cut in runs of consecutive layers, first to last, so that a
+        compensated cut repairs each run as a whole in the layer before it."""
         influences = scores["block_influence"]
+        sizes = [layer_params(layer) for layer in self.loaded.adapter.layers(model)]
+        params = count_params(model)
         removed: list[int] = []  # original indices, in removal order
         for step, original in enumerate(removal_order(influences), start=1):
-            if count_params(model) <= self.goal(target):
+            if params <= self.goal(target):
                 break
-            started = time.perf_counter()
-            index = original - sum(r < original for r in removed)  # its index among the layers still there
-            remove_layer(model, self.loaded.adapter, index)
-            removed.append(original)
+            params -= sizes[original]
             if step > len(state.iterations):
-                params = count_params(model)
                 state.iterations.append({
-                    "iteration": step, "choice": "D", "decided_by": "shortgpt", "layer": index,
+                    "iteration": step, "choice": "D", "decided_by": "shortgpt",
+                    "layer": original - sum(r < original for r in removed),  # among the layers still there
                     "original_layer": original, "block_influence": influences[original], "params": params,
                     "compression": 1 - params / self.original_params,
-                    "seconds": round(time.perf_counter() - started, 3),
                 })
+            removed.append(original)
+        gone = 0  # layers already cut before the current run
+        for first, count in consecutive_runs(sorted(removed)):
+            self.cut_units(model, layer=first - gone, count=count)
+            gone += count
         return state.iterations[: len(removed)]
+
+
+def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as (first, length) runs of consecutive ones: [2, 3, 4, 7] → [(2, 3), (7, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
