@@ -1,0 +1,145 @@
+"""The compensation study of issue 27 on SmolLM2-135M, no recovery: every method at 20/30/40% without and
+with the closed-form repair (`--compensation lstsq`), and each with Alpaca, C4 and WikiText-2-validation
+calibration text, then WikiText-2 perplexity by the standard protocol on the first 8 and 32 segments.
+
+A cell is one search (one method, compensation, calibration, seed) to the three targets, pruned in-process;
+its result is `docs/study/compensation/<label>.json` (the settings, the equivalent `mop prune` command, per
+target the size, path, perplexities and the mean reconstruction errors, and the device). A rerun computes only
+the cells whose file is missing. Checkpoints go to `runs/compensation/` (never committed).
+
+    MOP_DATA_DIR=../shared/data python benchmarks/study_compensation.py [--only LABEL ...] [--device cuda]
+                                                                        [--workers N]
+
+Everything but the compensation and the calibration text is the defaults of `mop prune` (the paper's AMP on
+128 prompts of at most 512 tokens), as in the quality study's rows (docs/RESULTS.md), so a compensated row
+differs from the row beside it by the compensation only, and a calibration row by its text only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "study" / "compensation"
+RUNS = ROOT / "runs" / "compensation"
+MODEL = "smollm2-135m"
+TARGETS = (0.2, 0.3, 0.4)
+SEGMENTS = (8, 32)
+CALIBRATIONS = ("alpaca", "c4", "wikitext2-valid")
+
+# label stem → (SearchConfig fields, seeds)
+METHODS = {
+    "width": ({"mode": "width"}, (0,)),
+    "llm-pruner": ({"method": "llm-pruner"}, (0,)),
+    "shortgpt": ({"method": "shortgpt"}, (0,)),
+    "mop-bi": ({"layer_criterion": "block_influence"}, (0, 1, 2)),
+    "mop": ({}, (0,)),  # the paper's: third-to-last layer, random path
+}
+
+
+def cells() -> dict[str, dict]:
+    """label → SearchConfig fields. Labels: METHOD[-sSEED]-COMPENSATION-CALIB[-ridgeR]."""
+    found = {}
+    for stem, (fields, seeds) in METHODS.items():
+        for seed in seeds:
+            for compensation in ("none", "lstsq"):
+                for calib in CALIBRATIONS:
+                    label = f"{stem}{f'-s{seed}' if len(seeds) > 1 else ''}-{compensation}-{calib}"
+                    found[label] = {**fields, "seed": seed, "compensation": compensation, "calib": calib}
+    for ridge in (1e-4, 1e-3, 1e-1, 1.0):  # the ridge, on width-only with C4 (the default 1e-2 is the row above)
+        found[f"width-lstsq-c4-ridge{ridge:g}"] = {"mode": "width", "compensation": "lstsq", "calib": "c4",
+                                                   "compensation_ridge": ridge}
+    return found
+
+
+def command(fields: dict) -> str:
+    options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
+               "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge"}
+    targets = " ".join(f"--target {t}" for t in TARGETS)
+    return f"mop prune {MODEL} {targets} " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
+
+
+def done(label: str, targets: tuple[float, ...]) -> bool:
+    """Whether the cell's record holds every target of `targets`."""
+    path = DOCS / f"{label}.json"
+    return path.exists() and all(target_name(t) in json.loads(path.read_text())["targets"] for t in targets)
+
+
+def target_name(target: float) -> str:
+    return f"target-{round(100 * target)}"
+
+
+def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...]) -> dict:
+    from mop import data
+    from mop.evaluation.perplexity import segments_perplexity
+    from mop.models import load_model
+    from mop.pruning import methods
+    from mop.pruning.search import SearchConfig
+
+    started = time.perf_counter()
+    loaded = load_model(MODEL, device=device)
+    out = RUNS / label
+    methods.prune(loaded, SearchConfig(targets=list(targets), **fields), out)
+    prune_seconds = time.perf_counter() - started
+    segments = data.text_segments(loaded.tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
+    result = {"label": label, "settings": fields, "command": command(fields), "device": device,
+              "prune_seconds": round(prune_seconds, 1), "targets": {}}
+    for target in targets:
+        name = target_name(target)
+        record = json.loads((out / name / "mop.json").read_text())
+        model = load_model(str(out / name), device=device).model
+        compensation = record.get("compensation", {})
+        result["targets"][name] = {
+            "params": record["params"], "compression": record["compression"], "path": record["path"],
+            **{f"ppl{n}": segments_perplexity(model, segments[:n]) for n in SEGMENTS},
+            "mean_error_before": compensation.get("mean_error_before"),
+            "mean_error_after": compensation.get("mean_error_after"),
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1, help="cells run at once (child processes)")
+    parser.add_argument("--targets", type=float, nargs="+", default=TARGETS, help="a first pass at fewer targets")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    targets = tuple(args.targets)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    todo = {k: v for k, v in cells().items() if (not args.only or k in args.only) and not done(k, targets)}
+    if args.worker is None and args.workers > 1:
+        from mop.models import embedded_model_dir
+
+        embedded_model_dir(MODEL)  # converted once, before the workers share it
+        children = [subprocess.Popen([sys.executable, __file__, "--device", args.device, "--workers",
+                                      str(args.workers), "--worker", str(w), "--targets", *map(str, targets),
+                                      *sum((["--only", k] for k in todo), [])])
+                    for w in range(args.workers)]
+        sys.exit(max(child.wait() for child in children))
+    for index, (label, fields) in enumerate(todo.items()):
+        if args.worker is not None and index % args.workers != args.worker:
+            continue
+        try:
+            result = run_cell(label, fields, args.device, targets)
+        except Exception as error:  # one failed cell does not stop the others; it is rerun next time
+            print(f"{label}: failed: {error!r}", flush=True)
+            continue
+        path = DOCS / f"{label}.json"
+        if path.exists():  # targets measured earlier stay
+            result["targets"] = {**json.loads(path.read_text())["targets"], **result["targets"]}
+        path.with_suffix(".partial").write_text(json.dumps(result, indent=1))
+        os.replace(path.with_suffix(".partial"), path)
+        t = result["targets"]
+        print(label, " ".join(f"{n}:{v['ppl8']:.2f}" for n, v in t.items()), f"{result['prune_seconds']}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
