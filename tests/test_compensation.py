@@ -79,7 +79,7 @@ def test_a_neuron_that_is_a_multiple_of_a_kept_one_is_cut_without_loss(tokenizer
     torch.testing.assert_close(logits(repaired), dense, atol=1e-4, rtol=0)
     assert (logits(plain) - dense).abs().max() > 1e-2  # without the repair, the cut shows
     assert records[0]["layer"] == 2 and records[0]["module"] == "mlp.down_proj"
-    assert records[0]["error_after"] < 1e-8 < records[0]["error_before"]
+    assert records[0]["error_after"] < 1e-6 < records[0]["error_before"]
 
 
 def test_a_head_that_duplicates_a_kept_one_is_cut_without_loss(tokenizer):
@@ -128,7 +128,7 @@ def test_a_removed_layer_linear_in_what_the_layer_before_writes_is_restored(toke
     records = cut(repaired, adapter, random_batches(), EXACT, layer=3)
     torch.testing.assert_close(logits(repaired), dense, atol=1e-4, rtol=0)
     assert (logits(plain) - dense).abs().max() > 1e-2
-    assert records[0]["module"] == "2.mlp.down_proj" and records[0]["error_after"] < 1e-8 < records[0]["error_before"]
+    assert records[0]["module"] == "2.mlp.down_proj" and records[0]["error_after"] < 1e-6 < records[0]["error_before"]
 
 
 def test_the_first_layer_is_removed_without_repair(tokenizer):
