@@ -101,6 +101,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     # mop run
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
+    "--recovery-dropout": probability,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
     "--bench-batch": positive_int,
@@ -478,6 +479,7 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recovery-micro-batch-size", type=int, default=4)
     recovery.add_argument("--recovery-max-length", type=int, default=512)
     recovery.add_argument("--recovery-lr", type=float, default=3e-4, help="LoRA learning rate (the paper's 3e-4)")
+    recovery.add_argument("--recovery-dropout", type=float, default=0.05, help="LoRA dropout (the paper's 0.05)")
     evaluation = run.add_argument_group("evaluation (mop eval)")
     evaluation.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,wikitext")
     evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
@@ -533,6 +535,7 @@ def _pipeline_config(args: argparse.Namespace):
                                                         micro_batch_size=args.recovery_micro_batch_size,
                                                         max_length=args.recovery_max_length,
                                                         learning_rate=args.recovery_lr,
+                                                        dropout=args.recovery_dropout,
                                                         activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
