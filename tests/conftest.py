@@ -4,6 +4,8 @@ BPE tokenizer trained on WikiText-2), MOP_DATA_DIR pointing at ../shared/data, a
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -31,6 +33,33 @@ TINY = {
     "qwen2": lambda: Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                  intermediate_size=96, num_hidden_layers=6, tie_word_embeddings=True),
 }
+
+
+def _package(frame) -> str:
+    return frame.f_globals.get("__name__", "").partition(".")[0]
+
+
+@pytest.fixture(autouse=True)
+def deprecations_from_our_calls_fail(monkeypatch):
+    """A DeprecationWarning or FutureWarning about a call that `mop` makes is an error. pyproject.toml's
+    `error::FutureWarning:mop` sees only warnings attributed to our modules; transformers' `deprecate_kwarg`
+    warns from inside a model's forward, which Python attributes to torch's `Module.__call__`. So the caller is
+    found here: the first frame outside the warning library and torch (which dispatches forward calls). A
+    deprecation that another library's call raises (peft calling transformers) stays a warning."""
+    library_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        kind = type(message) if isinstance(message, Warning) else category or UserWarning
+        if issubclass(kind, (DeprecationWarning, FutureWarning)):
+            frame = sys._getframe(1)
+            library = _package(frame)
+            while frame is not None and _package(frame) in (library, "torch"):
+                frame = frame.f_back
+            if frame is not None and _package(frame) == "mop":
+                raise message if isinstance(message, Warning) else kind(message)
+        return library_warn(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

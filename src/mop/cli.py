@@ -102,6 +102,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     # mop run
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
+    "--recovery-dropout": probability,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
     "--bench-batch": positive_int,
@@ -224,21 +225,31 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
     from mop.pruning.methods import known
 
     known(config.method)
-    _check_data(config.calib, config.path_data, config.tune_data)
+    from mop import data
+
+    _check_data(config.calib, config.path_data, read=data.load_calibration)
+    _check_data(config.tune_data, read=data.load_examples)
     return config
 
 
-def _check_data(*specs: str) -> None:
-    """Fail before a model loads on a data option that names neither a file nor a known data set."""
+def _check_data(*specs: str, read: Callable[[str], object]) -> None:
+    """Fail before a model loads on a data option that names neither a file nor a known data set, or a file on
+    disk that `read` (how the command reads it) refuses: empty, binary, wrong fields."""
     from mop import data
 
     for spec in specs:
-        data.source(spec)
+        if data.local_path(spec) is not None:
+            read(spec)
 
 
-def _training_data(config) -> str:
-    """The data a FinetuneConfig trains on."""
-    return config.data if config.method == "sft" else config.kd_data
+def _check_training_data(config) -> None:
+    """The data a FinetuneConfig trains on: Alpaca rows (sft), or raw text (kd)."""
+    from mop import data
+
+    if config.method == "sft":
+        _check_data(config.data, read=data.load_examples)
+    else:
+        _check_data(config.kd_data, read=data.load_texts)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -295,7 +306,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
                             kd_data=args.kd_data, kd_temperature=args.kd_temperature)
     config.validate()  # before the model loads
-    _check_data(_training_data(config))
+    _check_training_data(config)
     record = finetune(args.model, args.out, config, args.device, args.dtype)
     if PartialState().is_main_process:
         losses = record["losses"]
@@ -340,7 +351,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         validate_tasks(tasks, task_files)  # before the model loads
     multimodal.validate_multimodal_tasks(images)
     validate_settings(args.limit, args.batch_size, args.ppl_segment_length, args.ppl_segments)
-    _check_output(args.output)
     loaded = load_model(args.model, args.device, args.dtype)
     record = evaluate(loaded, tasks, args.limit, args.batch_size, args.ppl_segment_length, task_files,
                       args.ppl_segments) if tasks else {}
@@ -349,11 +359,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         record["multimodal"] = multimodal.evaluate_multimodal(loaded, images, args.limit)
         tables.append(multimodal.summary_table(record["multimodal"]))
     _write_record(args.output, record, *tables)
-
-
-def _check_output(output: Path) -> None:
-    if output.is_dir():
-        raise MopError(f"--output {output} is a directory; give a JSON file name")
 
 
 def _write_record(output: Path, record: dict, *tables: Table) -> None:
@@ -429,7 +434,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
                                time_generate=not args.no_generate)
     settings.validate()  # before the models load
-    _check_output(args.output)
     if args.engine == "vllm":
         return _bench_vllm(args, settings)
     candidate = load_model(args.model, args.device, args.dtype)
@@ -485,6 +489,7 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recovery-micro-batch-size", type=int, default=4)
     recovery.add_argument("--recovery-max-length", type=int, default=512)
     recovery.add_argument("--recovery-lr", type=float, default=3e-4, help="LoRA learning rate (the paper's 3e-4)")
+    recovery.add_argument("--recovery-dropout", type=float, default=0.05, help="LoRA dropout (the paper's 0.05)")
     evaluation = run.add_argument_group("evaluation (mop eval)")
     evaluation.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,wikitext")
     evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
@@ -540,6 +545,7 @@ def _pipeline_config(args: argparse.Namespace):
                                                         micro_batch_size=args.recovery_micro_batch_size,
                                                         max_length=args.recovery_max_length,
                                                         learning_rate=args.recovery_lr,
+                                                        dropout=args.recovery_dropout,
                                                         activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,
@@ -553,7 +559,7 @@ def _pipeline_config(args: argparse.Namespace):
         device=args.device, dtype=args.dtype)
     config.validate()
     if recovery is not None:
-        _check_data(_training_data(recovery))
+        _check_training_data(recovery)
     resolve_model_dir(args.model)  # a mistyped model fails before OUT is claimed
     return config
 
@@ -574,6 +580,21 @@ def print_summary(state) -> None:
                   if whole and whole["params"] != reached["params"] else "")
         console.print(f"{state.directory / name}: {reached['params']:,} parameters, "
                       f"{reached['compression']:.2%} compression (iteration {reached['iteration']}){beside}")
+
+
+def _check_output_places(args: argparse.Namespace) -> None:
+    """Refuse an output that cannot be made: any under an existing file, a directory (--out) that is a file, a
+    JSON file (--output, --json) that is a directory."""
+    for option in ("out", "output", "json"):
+        if (path := getattr(args, option, None)) is None:
+            continue
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise MopError(f"--{option} {path} cannot be written: {parent} is a file, not a directory")
+        if option == "out" and path.exists() and not path.is_dir():
+            raise MopError(f"--out {path} is a file; give a directory")
+        if option != "out" and path.is_dir():
+            raise MopError(f"--{option} {path} is a directory; give a JSON file name")
 
 
 def log_file(args: argparse.Namespace) -> Path | None:
@@ -621,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             if plugins := load_plugins(early.plugin):
                 log.info("plugins: %s", ", ".join(plugins))
             args = build_parser().parse_args(argv)
+            _check_output_places(args)
             args.handler(args)
         except MopError as error:  # the output is left as it was: no log file either
             print(f"mop: error: {error}", file=sys.stderr)

@@ -130,12 +130,12 @@ def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int,
     cache = DynamicCache(config=model.config)
     image = {} if pixel_values is None else {"pixel_values": pixel_values}
     started = _synced(clock, prompt_ids)
-    logits = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **image).logits
+    logits = model(input_ids=prompt_ids, cache=cache, use_cache=True, logits_to_keep=1, **image).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     prefilled = _synced(clock, token)
     tokens = [token]
     for _ in range(new_tokens - 1):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     finished = _synced(clock, token)
@@ -146,7 +146,7 @@ def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int,
 def timed_prefill(model: nn.Module, prompt_ids: torch.Tensor, clock: Clock = time.perf_counter) -> float:
     """Seconds of one prefill forward pass (KV cache filled, last position's logits) over `prompt_ids`."""
     started = _synced(clock, prompt_ids)
-    logits = model(input_ids=prompt_ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
+    logits = model(input_ids=prompt_ids, cache=DynamicCache(config=model.config), use_cache=True,
                    logits_to_keep=1).logits
     return _synced(clock, logits) - started
 

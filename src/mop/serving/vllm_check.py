@@ -99,7 +99,7 @@ class CheckResult:
 def transformers_greedy(model_dir: Path, prompts: list[str] | tuple[str, ...], max_new_tokens: int):
     """Prompt token ids, and per prompt the greedy ids and the log-softmax rows (float32, raw logits)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -107,7 +107,8 @@ def transformers_greedy(model_dir: Path, prompts: list[str] | tuple[str, ...], m
     runs = []
     with torch.inference_mode():
         for ids in prompt_ids:
-            out = model(torch.tensor([ids]), use_cache=True)
+            cache = DynamicCache(config=model.config)
+            out = model(torch.tensor([ids]), cache=cache, use_cache=True)
             tokens, rows = [], []
             for step in range(max_new_tokens):
                 row = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -115,7 +116,7 @@ def transformers_greedy(model_dir: Path, prompts: list[str] | tuple[str, ...], m
                 tokens.append(token)
                 rows.append(row)
                 if step + 1 < max_new_tokens:
-                    out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+                    out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
             runs.append((tokens, torch.stack(rows)))
     del model
     return prompt_ids, runs
