@@ -25,6 +25,7 @@ from rich.table import Table
 from mop import logs
 from mop.errors import MopError
 from mop.plugins import load_plugins
+from mop.provenance import invoked_as
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
 
@@ -342,6 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         record["multimodal"] = multimodal.evaluate_multimodal(loaded, images, args.limit)
         tables.append(multimodal.summary_table(record["multimodal"]))
     _write_record(args.output, record, *tables)
+    if tasks:
+        _add_to_card(loaded, evaluation=record)
 
 
 def _check_output(output: Path) -> None:
@@ -357,6 +360,16 @@ def _write_record(output: Path, record: dict, *tables: Table) -> None:
     write_json_atomic(output, record)
     for table in tables:
         Console().print(table)
+
+
+def _add_to_card(loaded, **records: dict) -> None:
+    """Add what was measured to the model card of a checkpoint mop wrote (`mop.modelcard.add_results`)."""
+    from mop.modelcard import add_results
+
+    try:
+        add_results(loaded.directory, loaded.weights_sha256, **records)
+    except OSError as error:  # a read-only checkpoint: the record is written, the card stays as it was
+        log.warning("the model card of %s is not updated: %s", loaded.directory, error)
 
 
 def register_check(commands) -> None:
@@ -432,6 +445,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         baseline = source_baseline(candidate, args.device, args.dtype)
     record = benchmark(candidate, baseline, settings)
     _write_record(args.output, record, summary_table(record))
+    _add_to_card(candidate, latency=record)
 
 
 def _bench_vllm(args: argparse.Namespace, latency) -> None:
@@ -613,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             if plugins := load_plugins(early.plugin):
                 log.info("plugins: %s", ", ".join(plugins))
             args = build_parser().parse_args(argv)
-            args.handler(args)
+            with invoked_as(argv):
+                args.handler(args)
         except MopError as error:  # the output is left as it was: no log file either
             print(f"mop: error: {error}", file=sys.stderr)
             return 2

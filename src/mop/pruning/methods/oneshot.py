@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from mop.models import LoadedModel, count_params, embedding_params, save_checkpoint
 from mop.errors import MopError
-from mop.provenance import versions
+from mop.provenance import command, versions
 from mop.pruning.search import SearchConfig, target_name
 from mop.pruning.state import RunState
 from mop.pruning.surgery import structural_copy
@@ -113,5 +113,5 @@ class OneShotPruner(ABC):
             "path": "".join(r["choice"] for r in records), "params": params,
             "compression": 1 - params / self.original_params,
             "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
-            "iterations": records,
+            "iterations": records, "command": command(),
         }
