@@ -519,18 +519,27 @@ def _seed_list(spec: str) -> list[int]:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from mop.pipeline import run_pipeline
+    from mop.report import results_table
 
-    run_pipeline(args.model, _pipeline_config(args), args.out)
-    Console().print(f"report: {args.out / 'report.md'}")
+    results = run_pipeline(args.model, _pipeline_config(args), args.out)
+    _print_results(results_table(results, f"mop run: {args.model}"), args.out)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from mop.compare import parse_method, run_compare
+    from mop.report import results_table
 
     specs = [spec for given in args.methods for spec in (given.split(",") if ":" not in given else [given])]
     methods = dict(parse_method(spec.strip()) for spec in specs if spec.strip())
-    run_compare(args.model, _pipeline_config(args), methods, args.out)
-    Console().print(f"report: {args.out / 'report.md'}")
+    results = run_compare(args.model, _pipeline_config(args), methods, args.out)
+    _print_results(results_table(results, f"mop compare: {args.model}"), args.out)
+
+
+def _print_results(table: Table, out: Path) -> None:
+    """The report's results table, then where the report is."""
+    console = Console()
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}")
 
 
 def _pipeline_config(args: argparse.Namespace):
