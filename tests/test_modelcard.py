@@ -154,3 +154,13 @@ def test_llava_card(tmp_path):
     assert f"{provenance['whole_model']['params']:,} parameters of {provenance['whole_model']['original_params']:,}" \
         in model_card.text
     assert "LlavaForConditionalGeneration.from_pretrained(checkpoint)" in model_card.text
+
+
+def test_a_checkpoint_saved_with_a_bare_record_has_a_card_too(tiny_dirs, tmp_path):
+    from mop.models import save_checkpoint
+
+    loaded = load_model(str(tiny_dirs["llama-mha"]))
+    save_checkpoint(loaded, loaded.model, tmp_path / "copy", {})
+    model_card = ModelCard.load(tmp_path / "copy" / "README.md")
+    assert model_card.data.base_model == "unknown" and model_card.data.tags == ["mop"]
+    assert "records no pruning and no recovery" in model_card.text and "6 layers, 6 attention heads" in model_card.text

@@ -32,6 +32,9 @@ TASK_DATASETS = {
 METRIC_NAMES = {"acc": "accuracy", "acc_norm": "length-normalized accuracy", "perplexity": "perplexity",
                 "speedup": "end-to-end speedup"}
 PATH_STEPS = "D: one decoder layer removed; W: attention heads and MLP neurons removed from every layer"
+# what the mop.json of every pruning method holds (a checkpoint saved with less is described without them)
+PRUNING_RECORD = ("path", "target", "seed", "compression_of", "iterations", "compression", "non_embedding_compression",
+                  "params", "original_params")
 
 
 def base_model(name: str) -> str:
@@ -68,7 +71,7 @@ def _pruning(provenance: dict) -> list[str]:
         method = (f"MoP (`--mode {provenance['mode']}`): layer criterion `{criteria['layer']}`, width criterion "
                   f"`{criteria['width']}`, path criterion `{criteria['path']}`")
     else:
-        method = f"`{provenance['method']}`"
+        method = f"`{method_label(provenance)}`"
     method += "".join(f", {key} `{value}`" for key, value in settings.items()
                       if key in ("tensor_parallel", "mlp_multiple") and value != 1)
     measure = "all" if provenance["compression_of"] == "all" else "the non-embedding"
@@ -175,12 +178,13 @@ def card(provenance: dict, config: PretrainedConfig, directory_name: str, result
          ) -> ModelCard:
     """The card of a checkpoint with this `mop.json` (`provenance`) and config, in a directory named
     `directory_name` (the card does not depend on where the directory is): a pruned checkpoint (recovered or
-    not), or a model mop did not prune that `mop finetune` recovered."""
-    pruned = "path" in provenance
-    source = provenance["source"]["name"] if pruned else provenance["finetune"].get("model", "unknown")
-    base, method = base_model(source), method_label(provenance) if pruned else "finetune"
+    not), a model mop did not prune that `mop finetune` recovered, or a bare save (a `mop.json` of neither)."""
+    pruned, finetune = all(key in provenance for key in PRUNING_RECORD), provenance.get("finetune")
+    source = provenance.get("source", {}).get("name") or (finetune or {}).get("model") or "unknown"
+    base = base_model(source)
+    method = method_label(provenance) if pruned else "finetune" if finetune else "mop"
     multimodal = config.get_text_config() is not config  # a vision-language model's config holds a text config
-    size = f"{round(100 * provenance['compression'])}pct" if pruned else provenance["finetune"]["method"]
+    size = f"{round(100 * provenance['compression'])}pct" if pruned else finetune["method"] if finetune else "copy"
     name = f"{base.split('/')[-1]}-{method}-{size}"
     data = ModelCardData(base_model=base, library_name="transformers",
                          pipeline_tag="image-text-to-text" if multimodal else "text-generation",
@@ -192,8 +196,10 @@ def card(provenance: dict, config: PretrainedConfig, directory_name: str, result
         recovered = " and recovered by LoRA fine-tuning" if provenance.get("finetune") else ""
         summary = (f"`{base}` structurally pruned by mop (mixture-of-pruners) with `{method}`{recovered}: "
                    f"{_pct(provenance['compression'])} of its parameters removed.")
-    else:
+    elif finetune:
         summary = f"`{base}` fine-tuned by mop's LoRA recovery (`mop finetune`), not pruned by mop."
+    else:
+        summary = f"`{base}` written by mop; its `mop.json` records no pruning and no recovery."
     lines = [f"# {name}", "", summary, "",
              "## How it was made", "", *(_pruning(provenance) if pruned else []), _shape(config),
              _recovery(provenance.get("finetune")), "",
