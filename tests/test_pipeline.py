@@ -2,6 +2,7 @@
 redoes nothing, a new seed only adds its own stages, and another run's directory is refused."""
 
 import json
+import re
 import statistics
 from dataclasses import asdict
 
@@ -150,3 +151,48 @@ def test_run_refuses_an_unreachable_target_before_writing_anything(tiny_dirs, tm
         assert main(["run", model, "--target", "0.2", "--out", str(out), *tasks]) == 0
     assert main(["run", model, "--target", "0.2", "--target", "0.7", "--out", str(out), *tasks]) == 2
     assert (out / "pipeline.json").read_text() == settings and json.loads(settings)["targets"] == [0.2]
+
+
+def test_run_ends_with_the_results_table_and_labelled_bars(tiny_dirs, tmp_path, capsys):
+    """The terminal: our labelled bars per evaluated task and per latency run, lm-eval's bars in the log only,
+    and the report's results (target, compression, path, perplexity, average, speedup) as the last table."""
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_dirs["llama-gqa"]), "--target", "0.2", "--calib-samples", "4", "--calib-max-length",
+                 "32", "--no-recovery", "--tasks", "winogrande,wikitext", "--eval-limit", "2",
+                 "--eval-ppl-segment-length", "64", "--bench-runs", "3", "--bench-warmup", "1", "--bench-no-generate",
+                 "--out", str(out)]) == 0
+    terminal = capsys.readouterr()
+    for bar in ("evaluate winogrande: 100%", "evaluate wikitext: 100%", "latency: baseline and candidate: 100%"):
+        assert bar in terminal.err
+    assert "Running loglikelihood requests" not in terminal.err and "Tokenizing inputs" not in terminal.err
+    bars = [state.strip() for state in re.split(r"[\r\n]", terminal.err) if "%|" in state]
+    assert bars and all(re.match(r"[A-Za-z]", state) for state in bars)  # every bar on the terminal has a label ...
+    assert "INFO lm_eval.api.task: 100%|" in (out / "mop.log").read_text()  # ... lm-eval's unlabelled one is logged
+
+    results = json.loads((out / "results.json").read_text())
+    dense, row = results["dense"], results["checkpoints"]["target-20"]["0"]
+    lines = [" ".join(re.sub("[│┃]", " ", line).split()) for line in terminal.out.splitlines()]
+    assert " ".join(terminal.out.split()).endswith(f"report: {out / 'report.md'}")  # the last line, maybe wrapped
+    header = next(i for i, line in enumerate(lines) if line.startswith("target compression %"))
+    assert lines[header] == "target compression % path WikiText-2 ppl average % speedup"
+    end = next(i for i in range(header, len(lines)) if lines[i].startswith("└"))
+    table = [line for line in lines[header + 1:end] if re.search(r"\w", line)]  # not the rules
+    assert table == [f"dense 0.0 – {dense['perplexity']:.2f} {100 * dense['average']:.1f} 1.00×",
+                     f"target-20 {100 * row['compression']:.1f} {row['path']} {row['perplexity']:.2f} "
+                     f"{100 * row['average']:.1f} {row['speedup']:.2f}×"]
+
+
+def test_compare_results_table_has_a_row_per_method_and_target():
+    from mop.report import results_table
+    from rich.console import Console
+
+    row = lambda compression, path, ppl, speedup: {"compression": compression, "path": path, "perplexity": ppl,
+                                                   "average": 0.5, "speedup": speedup}
+    results = {"dense": row(0.0, "", 20.0, 1.0), "methods": {
+        "depth": {"checkpoints": {"target-20": {0: row(0.2, "DD", 40.0, 1.3), 1: row(0.2, "DD", 44.0, 1.1)}}},
+        "width": {"checkpoints": {"target-20": {0: row(0.2, "WW", 30.0, 1.05)}}}}}
+    console = Console(width=200, record=True)
+    console.print(results_table(results, "mop compare"))
+    lines = [" ".join(re.sub("[│┃]", " ", line).split()) for line in console.export_text().splitlines()]
+    assert "target-20 depth 20.0 ± 0.0 DD DD 42.00 ± 2.83 50.0 ± 0.0 1.20 ± 0.14×" in lines
+    assert "target-20 width 20.0 WW 30.00 50.0 1.05×" in lines and "dense 0.0 – 20.00 50.0 1.00×" in lines

@@ -26,6 +26,7 @@ from mop import logs
 from mop.errors import MopError
 from mop.plugins import load_plugins
 from mop.pruning.compensation import DEFAULT_RIDGE, METHODS as COMPENSATIONS
+from mop.provenance import invoked_as
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
 
@@ -359,6 +360,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         record["multimodal"] = multimodal.evaluate_multimodal(loaded, images, args.limit)
         tables.append(multimodal.summary_table(record["multimodal"]))
     _write_record(args.output, record, *tables)
+    if tasks:
+        _add_to_card(loaded, evaluation=record)
 
 
 def _write_record(output: Path, record: dict, *tables: Table) -> None:
@@ -369,6 +372,16 @@ def _write_record(output: Path, record: dict, *tables: Table) -> None:
     write_json_atomic(output, record)
     for table in tables:
         Console().print(table)
+
+
+def _add_to_card(loaded, **records: dict) -> None:
+    """Add what was measured to the model card of a checkpoint mop wrote (`mop.modelcard.add_results`)."""
+    from mop.modelcard import add_results
+
+    try:
+        add_results(loaded.directory, loaded.weights_sha256, **records)
+    except OSError as error:  # a read-only checkpoint: the record is written, the card stays as it was
+        log.warning("the model card of %s is not updated: %s", loaded.directory, error)
 
 
 def register_check(commands) -> None:
@@ -443,6 +456,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         baseline = source_baseline(candidate, args.device, args.dtype)
     record = benchmark(candidate, baseline, settings)
     _write_record(args.output, record, summary_table(record))
+    _add_to_card(candidate, latency=record)
 
 
 def _bench_vllm(args: argparse.Namespace, latency) -> None:
@@ -517,18 +531,27 @@ def _seed_list(spec: str) -> list[int]:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from mop.pipeline import run_pipeline
+    from mop.report import results_table
 
-    run_pipeline(args.model, _pipeline_config(args), args.out)
-    Console().print(f"report: {args.out / 'report.md'}")
+    results = run_pipeline(args.model, _pipeline_config(args), args.out)
+    _print_results(results_table(results, f"mop run: {args.model}"), args.out)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from mop.compare import parse_method, run_compare
+    from mop.report import results_table
 
     specs = [spec for given in args.methods for spec in (given.split(",") if ":" not in given else [given])]
     methods = dict(parse_method(spec.strip()) for spec in specs if spec.strip())
-    run_compare(args.model, _pipeline_config(args), methods, args.out)
-    Console().print(f"report: {args.out / 'report.md'}")
+    results = run_compare(args.model, _pipeline_config(args), methods, args.out)
+    _print_results(results_table(results, f"mop compare: {args.model}"), args.out)
+
+
+def _print_results(table: Table, out: Path) -> None:
+    """The report's results table, then where the report is."""
+    console = Console()
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}")
 
 
 def _pipeline_config(args: argparse.Namespace):
@@ -643,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("plugins: %s", ", ".join(plugins))
             args = build_parser().parse_args(argv)
             _check_output_places(args)
-            args.handler(args)
+            with invoked_as(argv):
+                args.handler(args)
         except MopError as error:  # the output is left as it was: no log file either
             print(f"mop: error: {error}", file=sys.stderr)
             return 2

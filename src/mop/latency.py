@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from rich.table import Table
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from mop.errors import MopError
@@ -184,6 +185,12 @@ def timed_run(model: nn.Module, prompt: torch.Tensor, long_prompt: torch.Tensor,
     return Run(*timing, generate_s, generated.shape[1], torch.equal(generated, generation.tokens))
 
 
+def _bar(settings: LatencySettings, label: str) -> tqdm:
+    """The run indices 0 … runs − 1 under a progress bar labelled `label` (a run times every model once)."""
+    return tqdm(range(settings.runs), desc=label, unit="run",
+                postfix=f"first {settings.warmup} discarded" if settings.warmup else None)
+
+
 def run_order(names: list[str], run: int) -> list[str]:
     """Models in the given order on even runs, reversed on odd runs (neither always goes first)."""
     return names if run % 2 == 0 else names[::-1]
@@ -234,7 +241,7 @@ def measure(models: dict[str, nn.Module], tokenizer, settings: LatencySettings, 
             raise MopError(f"{name}: prompt and generated tokens exceed its {limit} positions")
     names = list(models)
     runs: dict[str, list[Run]] = {name: [] for name in names}
-    for run in range(settings.runs):
+    for run in _bar(settings, f"latency: {' and '.join(names)}"):
         for name in run_order(names, run):
             runs[name].append(timed_run(models[name], prompt, long_prompt, settings, clock))
     return {name: summarize(models[name], runs[name], settings) for name in names}
@@ -263,7 +270,7 @@ def image_prompt_latency(roles: dict[str, LoadedModel], processor, settings: Lat
     the text prompt; prefill = vision tower, projector and the prompt's forward pass, and the first token."""
     inputs = image_prompt(processor)
     runs: dict[str, list[Generation]] = {role: [] for role in roles}
-    for run in range(settings.runs):
+    for run in _bar(settings, f"latency on an image: {' and '.join(roles)}"):
         for role in run_order(list(roles), run):
             model = roles[role].model
             device, dtype = input_device(model), next(model.parameters()).dtype

@@ -10,15 +10,19 @@ checked that location, the log file has nowhere safe to go.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import transformers
+from tqdm import tqdm
 
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TERMINAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -105,3 +109,30 @@ def _show_bars(library_logging, enabled: bool) -> None:
         library_logging.enable_progress_bar()
     else:
         library_logging.disable_progress_bar()
+
+
+class LoggedBar(tqdm):
+    """A library's progress bar drawn nowhere: when it closes, its final state ("100%|...| 40/40 [...]") is one
+    record of the library's logger, so it reaches the log file (and the terminal only with `-v`)."""
+
+    logger_name = "library"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": math.inf})
+
+    def close(self) -> None:
+        if not self.disable:
+            logging.getLogger(self.logger_name).info("%s", self)
+        super().close()
+
+
+@contextmanager
+def bars_to_log(module: ModuleType) -> Iterator[None]:
+    """While inside: the tqdm bars that `module` (a library module that did `from tqdm import tqdm`) draws go to
+    the log as `LoggedBar`s, under the module's logger name."""
+    drawn = module.tqdm
+    module.tqdm = type("LoggedBar", (LoggedBar,), {"logger_name": module.__name__})
+    try:
+        yield
+    finally:
+        module.tqdm = drawn

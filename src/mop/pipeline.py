@@ -24,7 +24,8 @@ from pathlib import Path
 from mop.errors import MopError
 from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
 from mop.latency import LatencySettings, benchmark
-from mop.models import load_model
+from mop.modelcard import add_results
+from mop.models import load_model, weights_sha256
 from mop.pruning import methods
 from mop.pruning.search import SearchConfig, target_name
 from mop.provenance import write_json_atomic
@@ -197,10 +198,12 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
                 finetune(str(final), recovered, replace(config.recovery, seed=seed), config.device, config.dtype)
             if config.recovery is not None and (recovered / "mop.json").is_file():
                 final = recovered
-            stage(evaluation(name), lambda: evaluated(str(final)), f"seed {seed}, {name}: evaluate")
+            measured = stage(evaluation(name), lambda: evaluated(str(final)), f"seed {seed}, {name}: evaluate")
+            latency = None
             if config.latency is not None:  # latency depends on the shapes only: the pruned checkpoint has the
                 # recovered one's, and is timed when the recovered one is gone
-                stage(timing(name), lambda: timed(str(final)), f"seed {seed}, {name}: latency")
+                latency = stage(timing(name), lambda: timed(str(final)), f"seed {seed}, {name}: latency")
+            add_results(final, weights_sha256(final), measured, latency)  # those measured on `final`'s weights
             if config.vllm_latency is not None:
                 stage(vllm_timing(name), lambda: timed_in_vllm(str(final)), f"seed {seed}, {name}: latency in vLLM")
     return write_report(out, model, config, dense) if report else None

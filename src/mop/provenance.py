@@ -7,12 +7,31 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Iterable
+import shlex
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 PACKAGES = ("mixture-of-pruners", "torch", "transformers", "peft", "accelerate")
+_command: str | None = None  # the running `mop` command line (`invoked_as`); None under the Python API
+
+
+@contextmanager
+def invoked_as(argv: list[str]) -> Iterator[None]:
+    """While a `mop` command runs: its command line, `mop ARGV` as a shell would read it, for `command`."""
+    global _command
+    _command = shlex.join(["mop", *argv])
+    try:
+        yield
+    finally:
+        _command = None
+
+
+def command() -> str | None:
+    """The command line of the running `mop` command, recorded in what it writes; None for a Python API call."""
+    return _command
 
 
 def versions(extra: Iterable[str] = ()) -> dict[str, str | None]:

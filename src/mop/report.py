@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
 from mop.pruning.search import SearchConfig, target_name  # noqa: E402
@@ -119,6 +120,33 @@ def _cells(rows: list[dict], tasks: list[str]) -> list[str]:
         _mean_std(get("average"), 100),
         _mean_std(get("speedup"), digits=2) + "×" if any(r.get("speedup") for r in rows) else "–",
     ]
+
+
+def results_table(results: dict, title: str) -> Table:
+    """The report's results for the terminal: per checkpoint (per method too, for `mop compare`'s results)
+    target, compression (% of all parameters), path, WikiText-2 perplexity, average accuracy (%) and speedup,
+    mean ± std over seeds; the dense model first."""
+    methods = results.get("methods")
+    table = Table(title=title)
+    for column in ("target", *(["method"] if methods else []), "compression %", "path", "WikiText-2 ppl",
+                   "average %", "speedup"):
+        table.add_column(column, justify="left" if column in ("target", "method", "path") else "right")
+    table.add_row("dense", *([""] if methods else []), *_summary_cells([results["dense"]]))
+    per_method = methods.items() if methods else [(None, results)]
+    targets = sorted({name for _, method in per_method for name in method["checkpoints"]})
+    for name in targets:
+        for label, method in per_method:
+            if rows := list(method["checkpoints"].get(name, {}).values()):
+                table.add_row(name, *([label] if methods else []), *_summary_cells(rows))
+    return table
+
+
+def _summary_cells(rows: list[dict]) -> list[str]:
+    """The terminal table's cells of one checkpoint's rows (one per seed)."""
+    get = lambda key: [r.get(key) for r in rows]
+    return [_mean_std(get("compression"), 100), " ".join(r["path"] for r in rows if r.get("path")) or "–",
+            _mean_std(get("perplexity"), digits=2), _mean_std(get("average"), 100),
+            _mean_std(get("speedup"), digits=2) + "×" if any(r.get("speedup") for r in rows) else "–"]
 
 
 def markdown(results: dict, model: str, settings: dict) -> str:

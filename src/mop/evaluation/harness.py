@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from mop import logs
 from mop.errors import MopError
 from mop.evaluation.perplexity import perplexity
 from mop.evaluation.tasks import PAPER_METRIC, PERPLEXITY_TASK, build_task, validate_tasks
@@ -33,20 +34,23 @@ def _number(value) -> float | None:
 
 def accuracy(loaded: LoadedModel, tasks: list[str], limit: int | None, batch_size: int,
              task_files: dict[str, Path] | None = None) -> dict:
-    """Zero-shot acc / acc_norm (and their stderr) of lm-eval's tasks on the in-memory model."""
+    """Zero-shot acc / acc_norm (and their stderr) of lm-eval's tasks on the in-memory model, one task at a time
+    under its own labelled bar (lm-eval's own bars go to the log)."""
+    import lm_eval.api.task
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from mop.evaluation.labelled_lm import LabelledLM
 
     built = {name: build_task(name, task_files) for name in tasks}  # every data error before any scoring
-    for task, _ in built.values():
-        task.set_config(key="num_fewshot", value=0)
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-    # lm-eval's evaluate rather than simple_evaluate: the same scoring without reseeding the global RNGs or
-    # collecting environment information in subprocesses
-    output = lm_eval_evaluate(lm=lm, task_dict={"tasks": {name: task for name, (task, _) in built.items()}},
-                              limit=limit, log_samples=False)
+    lm = LabelledLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
     results = {}
-    for name, (_, source) in built.items():
+    for name, (task, source) in built.items():
+        task.set_config(key="num_fewshot", value=0)
+        lm.label = f"evaluate {name}"
+        # lm-eval's evaluate rather than simple_evaluate: the same scoring without reseeding the global RNGs or
+        # collecting environment information in subprocesses
+        with logs.bars_to_log(lm_eval.api.task):
+            output = lm_eval_evaluate(lm=lm, task_dict={name: task}, limit=limit, log_samples=False)
         metrics = output["results"][name]
         results[name] = {key: _number(metrics.get(f"{key},none"))
                          for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}

@@ -10,8 +10,10 @@ import math
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from mop.data import perplexity_text, text_segments
+from mop.evaluation.tasks import PERPLEXITY_TASK
 from mop.models import LoadedModel, input_device
 
 PROTOCOL = ('"\\n\\n".join(rows) over every row of the wikitext-2-raw-v1 test split (blank rows included), '
@@ -20,11 +22,12 @@ PROTOCOL = ('"\\n\\n".join(rows) over every row of the wikitext-2-raw-v1 test sp
 
 
 @torch.no_grad()
-def segments_perplexity(model: nn.Module, segments: list[torch.Tensor]) -> float:
-    """exp(mean next-token NLL) over token segments ([T] ids each, scored independently)."""
+def segments_perplexity(model: nn.Module, segments: list[torch.Tensor], label: str | None = None) -> float:
+    """exp(mean next-token NLL) over token segments ([T] ids each, scored independently); with `label`, a
+    progress bar of the segments under that label."""
     device = input_device(model)
     nll, tokens = 0.0, 0
-    for segment in segments:
+    for segment in tqdm(segments, desc=label, unit="segment", disable=label is None):
         ids = segment[None].to(device)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         nll += loss.item() * (ids.shape[1] - 1)
@@ -36,6 +39,7 @@ def perplexity(loaded: LoadedModel, data: str, segment_length: int, limit: int |
     """Token perplexity of `data` (`wikitext2`: the standard protocol above); `limit` keeps the first `limit`
     segments (all of them when None)."""
     segments = text_segments(loaded.tokenizer, perplexity_text(data), segment_length, limit)
-    return {"perplexity": segments_perplexity(loaded.model, segments), "segments": len(segments),
+    return {"perplexity": segments_perplexity(loaded.model, segments, f"evaluate {PERPLEXITY_TASK}"),
+            "segments": len(segments),
             "segment_length": segment_length, "tokens_scored": sum(len(s) - 1 for s in segments), "data": data,
             "protocol": PROTOCOL if data == "wikitext2" else "texts joined by blank lines; " + PROTOCOL.split("; ", 1)[1]}

@@ -19,6 +19,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoT
                           PretrainedConfig)
 
 from mop.errors import MopError
+from mop.modelcard import write_card
 from mop.models.adapters import ADAPTERS, DecoderAdapter, adapter_for, check_architecture
 from mop.provenance import WeightsDigest, weights_digest
 
@@ -248,7 +249,7 @@ def layer_params(layer: nn.Module) -> int:
 
 
 def save_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path, provenance: dict) -> None:
-    """Write a plain HF checkpoint + mop.json into `out`, atomically (a `.partial` sibling, then rename)."""
+    """Write a plain HF checkpoint + mop.json + its model card (README.md) into `out`, atomically (a `.partial` sibling, then rename)."""
     config = loaded.adapter.export_config(model)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -264,6 +265,7 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path, provenance
     config.save_pretrained(partial)
     (loaded.processor or loaded.tokenizer).save_pretrained(partial)  # a processor saves its tokenizer too
     (partial / "mop.json").write_text(json.dumps(provenance, indent=2))
+    write_card(partial, provenance, config, out.name)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -18,7 +18,7 @@ from mop.pruning.compensation import (METHODS as COMPENSATIONS, CompensationSett
                                      repair_for)
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
-from mop.provenance import versions
+from mop.provenance import command, versions
 from mop.models import (LoadedModel, count_all_params, count_params, embedding_params, layer_params,
                         release_freed_memory, save_checkpoint)
 from mop.models.adapters import LayerShape
@@ -371,6 +371,7 @@ class Search:
             "whole_model": self._whole_model(params),
             "config": self.config.identity(),
             "iterations": [{k: v for k, v in r.items() if k not in ("removed", "compensation")} for r in iterations],
+            "command": command(),
             **compensation_record(self.config.compensation_settings,
                                   [{"iteration": r["iteration"], **repair} for r in iterations
                                    for repair in r.get("compensation", [])]),

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 from mop import data
 from mop.errors import MopError
 from mop.models import load_model, model_adapter, save_checkpoint, saved_weights_sha256
-from mop.provenance import read_provenance, versions
+from mop.provenance import command, read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
 from mop.training.lora import LoraSettings, attach_lora, merge_lora
 from mop.training.loop import make_accelerator, train
@@ -164,14 +164,14 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
                      checkpoints, desc=f"finetune ({config.method})")
     merged = merge_lora(peft_model)
     record = {
-        "identity": identity, "method": config.method, "settings": asdict(config), **sources,
+        "identity": identity, "model": model, "method": config.method, "settings": asdict(config), **sources,
         "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
         "device": device, "dtype": dtype, "losses": progress.losses, "step_seconds": progress.step_seconds,
         "seconds": round(sum(progress.step_seconds), 3), "resumed_at": progress.resumed_at,
         # per process, the weights_sha256 its merged weights would be saved with: equal entries, bitwise equal
         # weights; the saved checkpoint's `weights_sha256(out)` is the main process's entry
         "merged_sha256": gather_object([saved_weights_sha256(merged)]),
-        "versions": versions(),
+        "versions": versions(), "command": command(),
     }
     if accelerator.is_main_process:
         save_checkpoint(loaded, merged, out, {**provenance, "finetune": record})

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from mop.models import LoadedModel, count_params, embedding_params, save_checkpoint
 from mop.errors import MopError
-from mop.provenance import versions
+from mop.provenance import command, versions
 from mop.data import Batch
 from mop.pruning.compensation import compensation_record, cut
 from mop.pruning.search import SearchConfig, calibration_batches, target_name
@@ -132,6 +132,6 @@ class OneShotPruner(ABC):
             "path": "".join(r["choice"] for r in records), "params": params,
             "compression": 1 - params / self.original_params,
             "non_embedding_compression": 1 - (params - embedded) / (self.original_params - embedded),
-            "iterations": records,
+            "iterations": records, "command": command(),
             **compensation_record(self.config.compensation_settings, self.repairs),
         }
