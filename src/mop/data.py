@@ -225,19 +225,27 @@ def text_segments(tokenizer, text: str, length: int, limit: int | None = None) -
     return segments[:limit] if limit else segments
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def sft_rows(tokenizer, examples: list[Example], max_length: int) -> list[Row]:
-    """(input_ids, labels) per example: prompt tokens masked (IGNORE), EOS appended, no BOS mid-sequence.
-    Examples with no response token are dropped: a blank response (whitespace only; EOS alone is not a
-    response), or one cut away entirely by `max_length`. The one Alpaca row builder: recovery fine-tuning and
-    the candidates' short tuning both call it."""
+    """(input_ids, labels) per example: prompt + response tokenized as one text, EOS appended; the prefix that
+    the prompt's own tokenization shares is masked (IGNORE), the rest learned. Tokenizing the response on its own
+    would differ from the joined text on SentencePiece tokenizers (LLaMA-2, Mistral v0.1, Vicuna), whose first
+    response token would get a word-start "▁" the joined text never has. Examples with no response token are
+    dropped: a blank response (whitespace only; EOS alone is not a response), or one cut away entirely by
+    `max_length`. The one Alpaca row builder: recovery fine-tuning and the candidates' short tuning both call it."""
     rows = []
     for example in examples:
         if not example.response.strip():
             continue
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+        joined = tokenizer(example.prompt + example.response, add_special_tokens=True)["input_ids"]
+        masked = _common_prefix(prompt, joined)
+        ids = (joined + [tokenizer.eos_token_id])[:max_length]
+        labels = ([IGNORE] * masked + ids[masked:])[:max_length]
         if any(label != IGNORE for label in labels):
             rows.append((ids, labels))
     return rows
