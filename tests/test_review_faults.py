@@ -4,7 +4,7 @@ import json
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import SHARED_DATA
 from mop import data
@@ -38,3 +38,42 @@ def test_sft_rows_are_the_joined_text_with_the_prompt_masked(sentencepiece_token
     assert labels == [data.IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
     assert tokenizer.convert_ids_to_tokens(labels[len(prompt_ids)]) == "The"
     assert tokenizer.decode(ids[len(prompt_ids):-1]) == response
+
+
+WIKI_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
+
+
+def test_a_wikitext_file_follows_the_standard_protocol(tiny_dirs, smollm2_dir, tmp_path):
+    """`--task-file wikitext=wiki.test.raw` scores the text the named set scores (blank rows kept: 148 segments
+    of 2048 SmolLM2 tokens, not 147), as does the split as Hugging Face rows in jsonl."""
+    from mop.evaluation import evaluate
+    from mop.models import load_model
+
+    rows = data.wikitext_rows(WIKI_TEST.read_text(encoding="utf-8"))
+    jsonl = tmp_path / "wikitext.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    standard = data.perplexity_text("wikitext2")
+    assert data.perplexity_text(str(WIKI_TEST), wikitext=True) == standard
+    assert data.perplexity_text(str(jsonl), wikitext=True) == standard
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    named = evaluate(loaded, ["wikitext"], ppl_segment_length=64, ppl_segments=2)["tasks"]["wikitext"]
+    for path in (WIKI_TEST, jsonl):
+        record = evaluate(loaded, ["wikitext"], ppl_segment_length=64, ppl_segments=2,
+                          task_files={"wikitext": path})["tasks"]["wikitext"]
+        assert record["perplexity"] == named["perplexity"] and record["protocol"] == named["protocol"]
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert len(data.text_segments(smollm2, data.perplexity_text(str(WIKI_TEST), wikitext=True), 2048)) == 148
+
+
+def test_a_wikitext_file_without_blank_rows_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
+    """A text with its blank rows dropped is not the split: `mop eval` says so before loading the model."""
+    from mop.cli import main
+
+    cleaned = tmp_path / "cleaned.raw"
+    cleaned.write_text("".join(line + "\n" for line in WIKI_TEST.read_text().splitlines()[:200] if line.strip()))
+    out = tmp_path / "out" / "eval.json"
+    assert main(["eval", str(tiny_dirs["llama-gqa"]), "--tasks", "wikitext", "--task-file", f"wikitext={cleaned}",
+                 "--output", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "has no blank row, so it is not a WikiText split" in error and "Traceback" not in error
+    assert not out.exists()

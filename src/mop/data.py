@@ -144,14 +144,36 @@ def wikitext_rows(raw: str) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in raw.removesuffix("\n").split("\n")]
 
 
-def perplexity_text(spec: str) -> str:
-    """The text perplexity is measured on: for WikiText-2, `"\n\n".join(rows)` over every row of the test
-    split, blank rows included (the protocol of LLM-Pruner, SliceGPT, Wanda, ShortGPT); for other data, its
-    non-empty texts joined by blank lines."""
-    if spec == "wikitext2":
+def wikitext_file_rows(path: Path) -> list[str]:
+    """The rows of a WikiText split in a local file: a `wiki.*.raw` text file (`wikitext_rows`) or the Hugging
+    Face rows as .json / .jsonl records with a `text` field, blank rows kept. A file with no blank row is not a
+    WikiText split (blank rows set off every heading and paragraph), so the standard protocol cannot be followed
+    on it: refused."""
+    if path.suffix in (".json", ".jsonl"):
+        rows = [row.get("text") if isinstance(row, dict) else None for row in _read_file(path)]
+        if not all(isinstance(row, str) for row in rows):
+            raise MopError(f"{path}: WikiText rows need a 'text' field (a string) in every record")
+    else:
+        try:
+            rows = wikitext_rows(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise MopError(f"{path} cannot be parsed: {error}") from None
+    if not any(not row.strip() for row in rows):
+        raise MopError(f"{path} has no blank row, so it is not a WikiText split (such as wiki.test.raw) and the "
+                       "standard perplexity protocol, which joins every row with blank ones included, cannot "
+                       "be followed on it")
+    return rows
+
+
+def perplexity_text(spec: str, wikitext: bool = False) -> str:
+    """The text perplexity is measured on: for WikiText-2 (the name `wikitext2`, or with `wikitext` a file of a
+    WikiText split, see `wikitext_file_rows`), `"\n\n".join(rows)` over every row of the split, blank rows
+    included (the protocol of LLM-Pruner, SliceGPT, Wanda, ShortGPT); for other data, its non-empty texts joined
+    by blank lines."""
+    if spec == "wikitext2" or wikitext:
         path = local_path(spec)
         if path is not None:
-            rows = wikitext_rows(path.read_text(encoding="utf-8"))
+            rows = wikitext_file_rows(path)
         else:
             hub_rows, _ = load_rows(spec)
             rows = [row["text"] for row in hub_rows]
