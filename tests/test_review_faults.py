@@ -1,6 +1,7 @@
 """The faults a close read of the code found (issue 29, item 7), each pinned by a test that fails without its fix."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -77,3 +78,45 @@ def test_a_wikitext_file_without_blank_rows_is_refused_in_one_line(tiny_dirs, tm
     error = capsys.readouterr().err
     assert "has no blank row, so it is not a WikiText split" in error and "Traceback" not in error
     assert not out.exists()
+
+
+def _row(average: float, perplexity: float, stderr: float | None) -> dict:
+    return {"average": average, "perplexity": perplexity, "tasks": {"piqa": average}, "stderr": {"piqa": stderr}}
+
+
+def test_a_missing_standard_error_gives_no_verdict():
+    """+1.0 point with no standard error on one side is not "yes: better" (an unknown error is not 0)."""
+    from mop.report import _differences
+
+    method = lambda average, stderr: {"checkpoints": {"target-20": {0: _row(average, 30, stderr)}}}
+    lines = _differences({"mop": method(0.50, None), "other": method(0.51, None)}, "target-20", ["piqa"], "mop")
+    assert "| other | +1.0 | – | 0.0 | unknown (no standard error) |" in lines
+    lines = _differences({"mop": method(0.50, 0.01), "other": method(0.51, None), "known": method(0.60, 0.01)},
+                         "target-20", ["piqa"], "mop")
+    assert "| other | +1.0 | – | 0.0 | unknown (no standard error) |" in lines
+    assert "| known | +10.0 | 2.8 | 0.0 | yes: better |" in lines
+
+
+def test_the_worst_seed_cell_is_one_seed():
+    """Seed 0 has the lowest average, seed 1 the highest perplexity: the cell is seed 0's average and
+    perplexity."""
+    from mop.report import _worst
+
+    assert _worst([_row(0.40, 30.0, 0.01), _row(0.45, 50.0, 0.01)]) == "40.0 / 30.00"
+    assert _worst([_row(None, 30.0, None), _row(None, 50.0, None)]) == "– / 50.00"
+
+
+def test_compare_dense_latency_is_timed_beside_every_method():
+    """The study's records: the dense latency is the mean baseline of every method's timed checkpoints, not
+    those of the last method in the directory."""
+    from mop.report import collect_comparison
+
+    study = Path(__file__).resolve().parents[1] / "docs" / "study" / "smollm2"
+    baselines = [json.loads(path.read_text())["models"]["baseline"]["end_to_end_s"]["mean"]
+                 for path in study.glob("*/seed-*/bench/target-*.json") if not path.name.endswith(".vllm.json")]
+    results = collect_comparison(study)
+    last = max(results["methods"])  # methods are read in directory order
+    last_baselines = [r["baseline_latency_s"] for per_seed in results["methods"][last]["checkpoints"].values()
+                      for r in per_seed.values() if "latency_s" in r]
+    assert len(baselines) > len(last_baselines) > 0
+    assert results["dense"]["latency_s"] == pytest.approx(sum(baselines) / len(baselines))

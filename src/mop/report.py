@@ -270,14 +270,18 @@ def _seeds(method_dir: Path) -> list[int]:
 def collect_comparison(out: Path) -> dict:
     """Per method label, per target name, per seed: the finished checkpoint's row; and the dense row."""
     targets = json.loads((out / "compare.json").read_text())["targets"]
-    methods = {}
+    methods, dense = {}, None
     for method_dir in sorted(p for p in out.iterdir() if (p / "pipeline.json").is_file()):
         recovered = json.loads((method_dir / "pipeline.json").read_text())["identity"]["recovery"] is not None
         rows = collect(method_dir, targets, _seeds(method_dir), recovered, out / "dense" / "eval.json")
         methods[method_dir.name] = {"settings": json.loads((method_dir / "pipeline.json").read_text())["identity"],
                                     "checkpoints": rows["checkpoints"]}
         dense = rows["dense"]
-    return {"targets": targets, "dense": dense if methods else None, "methods": methods}
+    baselines = [r["baseline_latency_s"] for method in methods.values() for per_seed in method["checkpoints"].values()
+                 for r in per_seed.values() if "latency_s" in r]
+    if baselines:  # the dense model as timed beside every method's checkpoints, not one method's only
+        dense["latency_s"] = statistics.mean(baselines)
+    return {"targets": targets, "dense": dense, "methods": methods}
 
 
 def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
@@ -289,14 +293,20 @@ def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
     return sum(v * v for v in values) ** 0.5 / len(values)
 
 
+def _mean_stderr(rows: list[dict], evaluation_tasks: list[str]) -> float | None:
+    """The mean over seeds of the average's standard error; None when any seed lacks one."""
+    errors = [_average_stderr(r, evaluation_tasks) for r in rows]
+    return None if any(e is None for e in errors) else statistics.mean(errors)
+
+
 def comparison_markdown(results: dict, model: str, settings: dict, reference: str = "mop") -> str:
     dense, methods = results["dense"], results["methods"]
     tasks = list(dense["tasks"])
     header = ["method", "seeds", "compression % (all / body)", "parameters", "WikiText-2 ppl",
               *[f"{t}" for t in tasks], "average", "worst seed (average / ppl)", "speedup"]
     lines = [f"# Comparison of pruning methods: {model}", "",
-             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (lowest "
-             "average, highest perplexity); the average is the paper's (acc for WinoGrande, acc_norm for the "
+             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (the seed of the "
+             "lowest average: its average and perplexity); the average is the paper's (acc for WinoGrande, acc_norm for the "
              "others). Compression is of all parameters (the paper's definition) and, after the slash, of the "
              "non-embedding (body) parameters.", ""]
     if settings.get("eval_limit"):
@@ -329,13 +339,16 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
 
 
 def _worst(rows: list[dict]) -> str:
-    """The worst seed's average accuracy (%) and perplexity, when there are several seeds."""
+    """The worst seed's average accuracy (%) and perplexity, both of that one seed (the lowest average; without
+    accuracy tasks, the highest perplexity), when there are several seeds."""
     if len(rows) < 2:
         return ""
-    averages = [100 * r["average"] for r in rows if r["average"] is not None]
-    perplexities = [r["perplexity"] for r in rows if r["perplexity"] is not None]
-    worst_average = f"{min(averages):.1f}" if averages else "–"
-    return f"{worst_average} / {max(perplexities):.2f}" if perplexities else f"{worst_average} / –"
+    if all(r["average"] is not None for r in rows):
+        worst = min(rows, key=lambda r: r["average"])
+    else:
+        worst = max(rows, key=lambda r: r["perplexity"] if r["perplexity"] is not None else -1)
+    average = "–" if worst["average"] is None else f"{100 * worst['average']:.1f}"
+    return f"{average} / " + ("–" if worst["perplexity"] is None else f"{worst['perplexity']:.2f}")
 
 
 def _changed(settings: dict, reference: dict, prefix: str = "") -> list[str]:
@@ -368,19 +381,24 @@ def _differences(methods: dict, target: str, tasks: list[str], reference: str) -
     accuracy_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
     ref_avg = statistics.mean(r["average"] for r in ref_rows)
     spread = max(r["average"] for r in ref_rows) - min(r["average"] for r in ref_rows)
-    ref_se = statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in ref_rows)
+    ref_se = _mean_stderr(ref_rows, accuracy_tasks)
     table = []
     for label, method in methods.items():
         rows = list(method["checkpoints"].get(target, {}).values())
         if label == reference or not rows or any(r["average"] is None for r in rows):
             continue
         delta = statistics.mean(r["average"] for r in rows) - ref_avg
-        se = (ref_se**2 + statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in rows) ** 2) ** 0.5
+        method_se = _mean_stderr(rows, accuracy_tasks)
+        if ref_se is None or method_se is None:  # an unknown error is not a small one: no verdict
+            table.append([label, f"{100 * delta:+.1f}", "–", f"{100 * spread:.1f}", "unknown (no standard error)"])
+            continue
+        se = (ref_se**2 + method_se**2) ** 0.5
         exceeds = abs(delta) > 2 * se and abs(delta) > spread
         table.append([label, f"{100 * delta:+.1f}", f"{200 * se:.1f}", f"{100 * spread:.1f}",
                       ("yes: " + ("better" if delta > 0 else "worse")) if exceeds else "no"])
     return [f"Average accuracy against `{reference}` ({len(ref_rows)} seed(s)): a difference counts when it exceeds "
-            "both 2 standard errors of the two averages and the reference's seed range (max − min).", "",
+            "both 2 standard errors of the two averages and the reference's seed range (max − min); where a "
+            "standard error is missing (lm-eval gives none, e.g. for one document) there is no verdict.", "",
             *_table(["method", "Δ average (points)", "2·SE (points)", f"{reference} seed range (points)", "exceeds both"],
                     table), ""]
 
