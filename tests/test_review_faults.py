@@ -120,3 +120,51 @@ def test_compare_dense_latency_is_timed_beside_every_method():
                       for r in per_seed.values() if "latency_s" in r]
     assert len(baselines) > len(last_baselines) > 0
     assert results["dense"]["latency_s"] == pytest.approx(sum(baselines) / len(baselines))
+
+
+def test_llm_pruner_plan_takes_what_the_capped_mlp_cannot_from_attention():
+    """An attention-heavy shape under tensor parallelism 4 (8 KV groups of 2 heads: a layer may keep 2, 4 or 8
+    groups): the nearest allowed count below attention's share is 0 groups, the MLP alone cannot take the
+    budget, so attention takes 4 groups; before, the plan removed 0.62 of its budget."""
+    from mop.models.adapters import LayerShape
+    from mop.pruning.methods.llm_pruner import uniform_plan
+    from mop.pruning.width import Alignment
+
+    shape = LayerShape(hidden=64, head_dim=16, kv_heads=8, n_rep=2, intermediate=64, qkv_bias=False, mlp_bias=False)
+    units = Alignment(tensor_parallel=4).units(shape, None)
+    budget = round(0.3 * 6 * (shape.attention_params + shape.mlp_params))
+    plan = uniform_plan(shape, 6, budget, units)
+    assert (plan.groups_per_layer, plan.neurons_per_layer) == (4, 0) and plan.achieved >= budget
+    for fraction in (0.05, 0.1, 0.2, 0.4):  # every reachable budget is met
+        budget = round(fraction * 6 * (shape.attention_params + shape.mlp_params))
+        assert uniform_plan(shape, 6, budget, units).achieved >= budget
+
+
+def test_a_peer_cut_short_of_its_goal_is_refused_before_its_checkpoint(tiny_dirs, tmp_path, monkeypatch):
+    """Every one-shot method's cut is checked against the goal: one that falls short writes no checkpoint."""
+    from mop.errors import MopError
+    from mop.models import load_model
+    from mop.pruning import methods
+    from mop.pruning.methods.shortgpt import ShortGPT
+    from mop.pruning.search import SearchConfig
+
+    monkeypatch.setattr(ShortGPT, "cut", lambda self, model, scores, target, state: [])  # removes nothing
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    config = SearchConfig(targets=[0.3], method="shortgpt", calib_samples=4, calib_max_length=32)
+    with pytest.raises(MopError, match="shortgpt cannot reach target 0.3 .* above the goal"):
+        methods.prune(loaded, config, tmp_path / "out")
+    assert not (tmp_path / "out" / "target-30").exists()
+
+
+def test_width_step_takes_from_attention_what_the_capped_mlp_cannot():
+    """Late in a search (3 layers of 2 KV groups and 16 neurons), the MLP down to one neuron takes 0.56 of a
+    layer's parameters; a KV group out of every layer brings the width candidate nearer the depth candidate's
+    size (1.19×), so it is taken, and the group taken beyond attention's due share is carried as a debt."""
+    from mop.models.adapters import LayerShape
+    from mop.pruning.width import plan_width
+
+    shape = LayerShape(hidden=64, head_dim=16, kv_heads=2, n_rep=2, intermediate=16, qkv_bias=False, mlp_bias=False)
+    layer = 2 * shape.hidden + shape.attention_params + shape.mlp_params
+    plan = plan_width(shape, 3, layer, 0.0)
+    assert (plan.groups_per_layer, plan.neurons_per_layer) == (1, 0)
+    assert plan.achieved / layer == pytest.approx(1.19, abs=0.005) and plan.carry_out < 0

@@ -233,6 +233,10 @@ class Search:
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
             raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
+        if len(options) == 2 and not 0.9 <= plan.achieved / p_layer <= 1.1:  # `plan_width` came as near as it could
+            log.warning("iteration %d: the width candidate removes %.2f× the depth candidate's %d parameters (KV "
+                        "groups too coarse for what the MLP cannot take): the path compares unequal candidates",
+                        iteration, plan.achieved / p_layer, p_layer)
         scores, removed = None, None
         if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
             choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")

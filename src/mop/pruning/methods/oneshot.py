@@ -94,6 +94,10 @@ class OneShotPruner(ABC):
             model = structural_copy(self.loaded.model)  # shares every tensor; pruning builds new ones
             records = self.cut(model, header["scores"], target, state)
             name = target_name(target)
+            if count_params(model) > self.goal(target):  # every method reaches its targets, or says it cannot
+                raise MopError(f"{self.config.method} cannot reach target {target} on {self.loaded.name}: its "
+                               f"cut keeps {count_params(model)} parameters, above the goal of "
+                               f"{self.goal(target):.0f}; choose another target or alignment")
             save_checkpoint(self.loaded, model, self.out / name, self.provenance(state, model, target, records))
             params = count_params(model)
             state.targets[name] = {"target": target, "iteration": records[-1]["iteration"] if records else 0,
