@@ -168,3 +168,63 @@ def test_width_step_takes_from_attention_what_the_capped_mlp_cannot():
     plan = plan_width(shape, 3, layer, 0.0)
     assert (plan.groups_per_layer, plan.neurons_per_layer) == (1, 0)
     assert plan.achieved / layer == pytest.approx(1.19, abs=0.005) and plan.carry_out < 0
+
+
+def test_qwen2_max_window_layers_follows_removed_layers():
+    """Layers below `max_window_layers` use full attention: removing one of them lowers it by one, so a consumer
+    that derives the sliding layers from it (vLLM, a config without `layer_types`) gets the kept layers' own."""
+    from transformers import Qwen2Config
+
+    from conftest import random_model
+    from mop.models import adapter_for
+    from mop.pruning.surgery import remove_layer
+
+    model = random_model(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     intermediate_size=96, num_hidden_layers=6, use_sliding_window=True,
+                                     sliding_window=16, max_window_layers=3))
+    adapter = adapter_for(model)
+    remove_layer(model, adapter, 1)  # a full-attention layer
+    remove_layer(model, adapter, 3)  # a sliding one (originally layer 4)
+    config = adapter.export_config(model)
+    assert config.max_window_layers == 2
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    derived = Qwen2Config(**{k: v for k, v in config.to_dict().items() if k != "layer_types"})
+    assert derived.layer_types == config.layer_types
+
+
+def test_targets_that_share_a_directory_are_refused(tiny_dirs, tmp_path, capsys):
+    """0.2 and 0.205 would both write target-20: `mop prune` refuses them in one line, before any work."""
+    from mop.cli import main
+    from mop.errors import MopError
+    from mop.pruning.search import SearchConfig
+
+    with pytest.raises(MopError, match="share a checkpoint directory"):
+        SearchConfig(targets=[0.2, 0.205]).validate()
+    SearchConfig(targets=[0.2, 0.2, 0.21]).validate()  # the same target twice is one target
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_dirs["llama-gqa"]), "--target", "0.2", "--target", "0.205", "--out", str(out)]) == 2
+    assert "targets 0.2, 0.205 share a checkpoint directory (target-20)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["mop", "shortgpt"])
+def test_a_resumed_run_records_the_versions_of_the_session_that_wrote_each_checkpoint(method, tiny_dirs, tmp_path,
+                                                                                     monkeypatch):
+    """A target added in a later session with other libraries: its mop.json has that session's versions, and
+    the first session's as `run_versions`; the first checkpoint keeps its own."""
+    from mop import provenance
+    from mop.models import load_model
+    from mop.pruning import methods, search
+    from mop.pruning.methods import oneshot
+    from mop.pruning.search import SearchConfig
+
+    first = provenance.versions()
+    settings = dict(method=method, mode="depth", calib_samples=4, calib_max_length=32)
+    methods.prune(load_model(str(tiny_dirs["llama-gqa"])), SearchConfig(targets=[0.2], **settings), tmp_path)
+    later = {**first, "torch": "9.9.9"}
+    monkeypatch.setattr(search, "versions", lambda: later)
+    monkeypatch.setattr(oneshot, "versions", lambda: later)
+    methods.prune(load_model(str(tiny_dirs["llama-gqa"])), SearchConfig(targets=[0.2, 0.4], **settings), tmp_path)
+    earlier, added = (json.loads((tmp_path / name / "mop.json").read_text()) for name in ("target-20", "target-40"))
+    assert earlier["versions"] == earlier["run_versions"] == first
+    assert added["versions"] == later and added["run_versions"] == first

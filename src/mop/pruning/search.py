@@ -66,6 +66,10 @@ class SearchConfig:
                 raise MopError(f"target {target} is outside (0, 1)")
         if not self.targets:
             raise MopError("give at least one --target")
+        names = [target_name(t) for t in set(self.targets)]
+        if clash := sorted({name for name in names if names.count(name) > 1}):
+            raise MopError(f"targets {', '.join(map(str, sorted(set(self.targets))))} share a checkpoint directory "
+                           f"({', '.join(clash)}): give targets that differ in whole percents")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
@@ -333,7 +337,9 @@ class Search:
         params = count_params(self.model)
         iterations = state.iterations[:iteration]
         return {
-            **state.header, "target": target, "compression_of": self.config.compression_of,
+            # the libraries of the session that writes this checkpoint, beside those of the one that began the run
+            **state.header, "versions": versions(), "run_versions": state.header["versions"],
+            "target": target, "compression_of": self.config.compression_of,
             "reached_at_iteration": iteration, "mode": self.config.mode,
             "criteria": {"layer": self.config.layer_criterion, "width": self.config.width_criterion,
                          "path": self.config.path_criterion},

@@ -112,6 +112,8 @@ class OneShotPruner(ABC):
         records = [{k: v for k, v in r.items() if k != "removed"} for r in records]
         return {
             **{k: v for k, v in state.header.items() if k != "scores"},
+            # the libraries of the session that writes this checkpoint, beside those of the one that scored
+            "versions": versions(), "run_versions": state.header["versions"],
             "method": self.config.method, "target": target, "compression_of": self.config.compression_of,
             "settings": self.settings(), "seed": self.config.seed,
             "path": "".join(r["choice"] for r in records), "params": params,
