@@ -228,3 +228,35 @@ def test_a_resumed_run_records_the_versions_of_the_session_that_wrote_each_check
     earlier, added = (json.loads((tmp_path / name / "mop.json").read_text()) for name in ("target-20", "target-40"))
     assert earlier["versions"] == earlier["run_versions"] == first
     assert added["versions"] == later and added["run_versions"] == first
+
+
+def test_weight_decay_is_an_explicit_option(tiny_dirs, monkeypatch):
+    """AdamW's weight decay is a training setting (0.01 by default, left out of run identities so that runs made
+    before it resume; the reference recipe's 0 on request) that reaches the optimizer."""
+    import torch
+
+    from mop.cli import _pipeline_config, build_parser
+    from mop.models import load_model
+    from mop.training import LoraSettings, lora, loop
+
+    parser, model = build_parser(), str(tiny_dirs["llama-gqa"])
+    assert LoraSettings().weight_decay == 0.01
+    config = _pipeline_config(parser.parse_args(["run", model, "--target", "0.2", "--out", "o"]))
+    assert config.recovery.lora.weight_decay == 0.01 and "weight_decay" not in json.dumps(config.identity())
+    config = _pipeline_config(parser.parse_args(["run", model, "--target", "0.2", "--out", "o",
+                                                 "--recovery-weight-decay", "0"]))
+    assert config.recovery.lora.weight_decay == 0 and config.identity()["recovery"]["lora"]["weight_decay"] == 0
+    assert parser.parse_args(["finetune", "m", "--out", "o", "--weight-decay", "0"]).weight_decay == 0
+
+    decays = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **options: decays.append(options["weight_decay"])
+                        or adamw(params, **options))
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    rows = data.sft_rows(loaded.tokenizer, [data.Example("Say:", " yes")], 64)
+    for decay in (0.0, 0.1):
+        settings = LoraSettings(rank=2, batch_size=1, micro_batch_size=1, max_length=64, weight_decay=decay,
+                                activation_checkpointing=False)
+        with lora.lora_attached(loaded.model, settings, 0) as peft_model:
+            loop.train(peft_model, rows, settings, 1, 0, loaded.tokenizer.pad_token_id)
+    assert decays == [0.0, 0.1]

@@ -88,7 +88,8 @@ class SearchConfig:
         """Everything that decides the path; the targets only decide where it stops. An alignment of 1 (none)
         is left out: such runs are the runs made before the option existed, and stay theirs."""
         return {k: v for k, v in asdict(self).items()
-                if k != "targets" and not (k in ("tensor_parallel", "mlp_multiple") and v == 1)}
+                if k != "targets" and not (k in ("tensor_parallel", "mlp_multiple") and v == 1)} \
+            | {"lora": self.lora.identity()}
 
 
 MEASURES = {"all": "of all parameters", "body": "of non-embedding parameters"}  # what --compression-of targets
