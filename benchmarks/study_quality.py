@@ -9,7 +9,8 @@ result files — evaluations, latency records, each checkpoint's mop.json and th
 `docs/study/smollm2/` back into `runs/study/`, so on a fresh machine only the missing cells (and, within a cell,
 the missing targets) run.
 
-    MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench] [--report-only]
+    MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench]
+        [--report-only]
 
 `--report-only` rewrites the report, its plots, results.json and summary.md from the records committed under
 `docs/study/smollm2/` (evaluations, latency records, mop.json, settings), computing nothing; it needs no checkpoint.

@@ -41,7 +41,8 @@ def test_perplexity_ticks_are_plain_numbers_and_the_legend_is_beside_the_axes(fi
     figure, = figures
     axes = figure.axes[0]
     figure.canvas.draw()
-    ticks = [t.get_text() for t in axes.get_yticklabels() if axes.get_ylim()[0] <= t.get_position()[1] <= axes.get_ylim()[1]]
+    low, high = axes.get_ylim()
+    ticks = [t.get_text() for t in axes.get_yticklabels() if low <= t.get_position()[1] <= high]
     assert {"20", "50", "100", "1,000", "100,000"} <= set(ticks) and not any("10^" in t or "times" in t for t in ticks)
     legend = axes.get_legend()
     labels = [t.get_text() for t in legend.get_texts()]

@@ -92,7 +92,8 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     # mop finetune
     "--epochs": positive_float, "--max-steps": positive_int, "--micro-batch-size": positive_int,
     "--lr": positive_float, "--max-length": positive_int, "--rank": positive_int, "--alpha": positive_int,
-    "--dropout": probability, "--weight-decay": non_negative_float, "--save-every": positive_int, "--kd-temperature": positive_float,
+    "--dropout": probability, "--save-every": positive_int, "--kd-temperature": positive_float,
+    "--weight-decay": non_negative_float,
     # mop eval
     "--limit": positive_int,
     # mop bench
@@ -286,8 +287,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     given = {name: value for name, value in (("rank", args.rank), ("alpha", args.alpha)) if value is not None}
     lora = recovery_lora(args.model, dropout=args.dropout, learning_rate=args.lr, weight_decay=args.weight_decay,
-                         batch_size=args.batch_size,
-                         micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                          activation_checkpointing=not args.no_activation_checkpointing, **given)
     config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
                             save_every=args.save_every, method=args.method, teacher=args.teacher,

@@ -358,10 +358,10 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
     header = ["method", "seeds", "compression % (all / body)", "parameters", "WikiText-2 ppl",
               *[f"{t}" for t in tasks], "average", "worst seed (average / ppl)", "speedup"]
     lines = [f"# Comparison of pruning methods: {model}", "",
-             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (the seed of the "
-             "lowest average: its average and perplexity); the average is the paper's (acc for WinoGrande, acc_norm for the "
-             "others). Compression is of all parameters (the paper's definition) and, after the slash, of the "
-             "non-embedding (body) parameters.", ""]
+             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (the seed of "
+             "the lowest average: its average and perplexity); the average is the paper's (acc for WinoGrande, "
+             "acc_norm for the others). Compression is of all parameters (the paper's definition) and, after the "
+             "slash, of the non-embedding (body) parameters.", ""]
     if settings.get("eval_limit"):
         lines += [f"Tasks on their first {settings['eval_limit']} documents; perplexity on "
                   f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "

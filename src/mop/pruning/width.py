@@ -101,7 +101,8 @@ def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float, unit
     row_cost = shape.group_params * n_layers  # one group out of every layer
     due = carry + budget * attention_share / row_cost
     most = max(0, min(math.floor(due), shape.kv_heads - 1, budget // row_cost))
-    allowed = [g for g in range(shape.kv_heads) if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts]
+    allowed = [g for g in range(shape.kv_heads)
+               if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts]
     groups = max(g for g in allowed if g <= most)
     neuron_row = shape.neuron_params * n_layers
     block, cap = units.neuron_block, shape.intermediate - units.neuron_block
