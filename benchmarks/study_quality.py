@@ -10,6 +10,10 @@ result files — evaluations, latency records, each checkpoint's mop.json and th
 the missing targets) run.
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_quality.py [--only LABEL ...] [--commit] [--bench]
+        [--report-only]
+
+`--report-only` rewrites the report, its plots, results.json and summary.md from the records committed under
+`docs/study/smollm2/` (evaluations, latency records, mop.json, settings), computing nothing; it needs no checkpoint.
 
 `--bench` is the latency pass: it times every cell already evaluated and computes no new one (run it on a quiet
 machine, nothing beside it), by the paper's protocol without also timing `model.generate` (`--bench-no-generate`:
@@ -193,7 +197,17 @@ def main() -> None:
     parser.add_argument("--commit", action="store_true", help="commit docs/study after every cell")
     parser.add_argument("--bench", action="store_true",
                         help="the latency pass: time the evaluated cells, compute no new one (on a quiet machine)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report, plots and summary from the committed records; compute nothing")
     args = parser.parse_args()
+    if args.report_only:
+        from mop.report import write_comparison
+
+        write_comparison(DOCS, MODEL)
+        write_summary()
+        if args.commit:
+            commit("study: report, plots and summary rewritten from the committed records")
+        return
     if DOCS.is_dir():
         sync(DOCS, RUNS)
     for group in GROUPS:

@@ -65,6 +65,7 @@ at_least_three = _checked(int, lambda v: v >= 3, "an integer >= 3")
 positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
 ratio = _checked(float, lambda v: 0 < v < 1, "a ratio in (0, 1)")
 probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 rng_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 
 
@@ -94,6 +95,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--epochs": positive_float, "--max-steps": positive_int, "--micro-batch-size": positive_int,
     "--lr": positive_float, "--max-length": positive_int, "--rank": positive_int, "--alpha": positive_int,
     "--dropout": probability, "--save-every": positive_int, "--kd-temperature": positive_float,
+    "--weight-decay": non_negative_float,
     # mop eval
     "--limit": positive_int,
     # mop bench
@@ -104,6 +106,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
     "--recovery-dropout": probability,
+    "--recovery-weight-decay": non_negative_float,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
     "--bench-batch": positive_int,
@@ -283,6 +286,8 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--alpha", type=int, default=None,
                           help="LoRA alpha (default 10; on a vision-language model 16)")
     finetune.add_argument("--dropout", type=float, default=0.05)
+    finetune.add_argument("--weight-decay", type=float, default=0.01,
+                          help="AdamW weight decay (torch's default 0.01; the reference recipe's is 0)")
     finetune.add_argument("--no-activation-checkpointing", action="store_true",
                           help="keep every layer's activations while training LoRA: faster, much more memory")
     finetune.add_argument("--save-every", type=int, default=25, help="optimizer steps between resumable states")
@@ -300,8 +305,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from mop.training.recovery import recovery_lora
 
     given = {name: value for name, value in (("rank", args.rank), ("alpha", args.alpha)) if value is not None}
-    lora = recovery_lora(args.model, dropout=args.dropout, learning_rate=args.lr, batch_size=args.batch_size,
-                         micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+    lora = recovery_lora(args.model, dropout=args.dropout, learning_rate=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                          activation_checkpointing=not args.no_activation_checkpointing, **given)
     config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
@@ -504,6 +509,8 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recovery-max-length", type=int, default=512)
     recovery.add_argument("--recovery-lr", type=float, default=3e-4, help="LoRA learning rate (the paper's 3e-4)")
     recovery.add_argument("--recovery-dropout", type=float, default=0.05, help="LoRA dropout (the paper's 0.05)")
+    recovery.add_argument("--recovery-weight-decay", type=float, default=0.01,
+                          help="AdamW weight decay (torch's default 0.01; the reference recipe's is 0)")
     evaluation = run.add_argument_group("evaluation (mop eval)")
     evaluation.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,wikitext")
     evaluation.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
@@ -569,6 +576,7 @@ def _pipeline_config(args: argparse.Namespace):
                                                         max_length=args.recovery_max_length,
                                                         learning_rate=args.recovery_lr,
                                                         dropout=args.recovery_dropout,
+                                                        weight_decay=args.recovery_weight_decay,
                                                         activation_checkpointing=not args.no_activation_checkpointing))
     config = PipelineConfig(
         search=_search_config(args, args.seeds[0] if args.seeds else 0), seeds=args.seeds, recovery=recovery,

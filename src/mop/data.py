@@ -147,14 +147,36 @@ def wikitext_rows(raw: str) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in raw.removesuffix("\n").split("\n")]
 
 
-def perplexity_text(spec: str) -> str:
-    """The text perplexity is measured on: for WikiText-2, `"\n\n".join(rows)` over every row of the test
-    split, blank rows included (the protocol of LLM-Pruner, SliceGPT, Wanda, ShortGPT); for other data, its
-    non-empty texts joined by blank lines."""
-    if spec == "wikitext2":
+def wikitext_file_rows(path: Path) -> list[str]:
+    """The rows of a WikiText split in a local file: a `wiki.*.raw` text file (`wikitext_rows`) or the Hugging
+    Face rows as .json / .jsonl records with a `text` field, blank rows kept. A file with no blank row is not a
+    WikiText split (blank rows set off every heading and paragraph), so the standard protocol cannot be followed
+    on it: refused."""
+    if path.suffix in (".json", ".jsonl"):
+        rows = [row.get("text") if isinstance(row, dict) else None for row in _read_file(path)]
+        if not all(isinstance(row, str) for row in rows):
+            raise MopError(f"{path}: WikiText rows need a 'text' field (a string) in every record")
+    else:
+        try:
+            rows = wikitext_rows(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise MopError(f"{path} cannot be parsed: {error}") from None
+    if not any(not row.strip() for row in rows):
+        raise MopError(f"{path} has no blank row, so it is not a WikiText split (such as wiki.test.raw) and the "
+                       "standard perplexity protocol, which joins every row with blank ones included, cannot "
+                       "be followed on it")
+    return rows
+
+
+def perplexity_text(spec: str, wikitext: bool = False) -> str:
+    """The text perplexity is measured on: for WikiText-2 (the name `wikitext2`, or with `wikitext` a file of a
+    WikiText split, see `wikitext_file_rows`), `"\n\n".join(rows)` over every row of the split, blank rows
+    included (the protocol of LLM-Pruner, SliceGPT, Wanda, ShortGPT); for other data, its non-empty texts joined
+    by blank lines."""
+    if spec == "wikitext2" or wikitext:
         path = local_path(spec)
         if path is not None:
-            rows = wikitext_rows(path.read_text(encoding="utf-8"))
+            rows = wikitext_file_rows(path)
         else:
             hub_rows, _ = load_rows(spec)
             rows = [row["text"] for row in hub_rows]
@@ -230,19 +252,27 @@ def text_segments(tokenizer, text: str, length: int, limit: int | None = None) -
     return segments[:limit] if limit else segments
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def sft_rows(tokenizer, examples: list[Example], max_length: int) -> list[Row]:
-    """(input_ids, labels) per example: prompt tokens masked (IGNORE), EOS appended, no BOS mid-sequence.
-    Examples with no response token are dropped: a blank response (whitespace only; EOS alone is not a
-    response), or one cut away entirely by `max_length`. The one Alpaca row builder: recovery fine-tuning and
-    the candidates' short tuning both call it."""
+    """(input_ids, labels) per example: prompt + response tokenized as one text, EOS appended; the prefix that
+    the prompt's own tokenization shares is masked (IGNORE), the rest learned. Tokenizing the response on its own
+    would differ from the joined text on SentencePiece tokenizers (LLaMA-2, Mistral v0.1, Vicuna), whose first
+    response token would get a word-start "▁" the joined text never has. Examples with no response token are
+    dropped: a blank response (whitespace only; EOS alone is not a response), or one cut away entirely by
+    `max_length`. The one Alpaca row builder: recovery fine-tuning and the candidates' short tuning both call it."""
     rows = []
     for example in examples:
         if not example.response.strip():
             continue
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+        joined = tokenizer(example.prompt + example.response, add_special_tokens=True)["input_ids"]
+        masked = _common_prefix(prompt, joined)
+        ids = (joined + [tokenizer.eos_token_id])[:max_length]
+        labels = ([IGNORE] * masked + ids[masked:])[:max_length]
         if any(label != IGNORE for label in labels):
             rows.append((ids, labels))
     return rows

@@ -76,6 +76,8 @@ class PipelineConfig:
         settings.pop("latency")
         settings.pop("vllm_latency")
         settings["search"] = {k: v for k, v in self.search.identity().items() if k != "seed"}
+        if self.recovery is not None:
+            settings["recovery"]["lora"] = self.recovery.lora.identity()
         return settings
 
 

@@ -13,12 +13,58 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
 from mop.pruning.search import SearchConfig, target_name  # noqa: E402
 from mop.provenance import write_json_atomic  # noqa: E402
 
 PATH_COLOURS = {"D": "#c0504d", "W": "#4f81bd"}
+# The methods of a plot, by family: MoP variants in blues and purples with solid lines, the extremes (depth-only
+# in greens, width-only in oranges) dashed, the peer methods in reds and browns dotted; every method its own
+# colour (the next of its family's) and marker (the next of MARKERS).
+FAMILIES = {"MoP": ("-", ["#08519c", "#7a0177", "#41b6c4", "#807dba", "#6baed6", "#3f007d", "#1d91c0", "#c51b8a"]),
+            "depth-only": ("--", ["#1b7837", "#5aae61", "#00441b", "#a6dba0"]),
+            "width-only": ("--", ["#d95f02", "#fdae61", "#8c2d04", "#f16913"]),
+            "peers": (":", ["#b2182b", "#8c510a", "#e7298a", "#bf812d"])}
+FAMILY_HEADINGS = {"MoP": "MoP variants", "depth-only": "depth-only (extreme)", "width-only": "width-only (extreme)",
+                   "peers": "peer methods"}
+MARKERS = "osD^vP<X>hp*d"
+
+
+def method_name(search: dict) -> str:
+    """What a run's search settings ran, in words: MoP, depth-only, width-only, or the peer method's name."""
+    if search.get("method", "mop") != "mop":
+        return search["method"]
+    return {"depth": "depth-only", "width": "width-only"}.get(search.get("mode", "mop"), "MoP")
+
+
+def _family(search: dict) -> str:
+    name = method_name(search)
+    return name if name in ("MoP", "depth-only", "width-only") else "peers"
+
+
+def method_styles(methods: dict) -> dict[str, dict]:
+    """Per method label (settings as `collect_comparison` reads them), its family and plot style."""
+    used = {family: 0 for family in FAMILIES}
+    styles = {}
+    for index, (label, method) in enumerate(methods.items()):
+        family = _family(method["settings"]["search"])
+        line, colours = FAMILIES[family]
+        styles[label] = {"family": family, "color": colours[used[family] % len(colours)], "linestyle": line,
+                         "marker": MARKERS[index % len(MARKERS)]}
+        used[family] += 1
+    return styles
+
+
+def plain_log_ticks(axis) -> None:
+    """A log axis labelled in plain numbers (60, 100, 1,000), at 1, 2 and 5 of each decade (every digit when
+    the range spans less than one decade), with no minor labels."""
+    low, high = axis.get_view_interval()
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if high / low > 10 else range(1, 10)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _read(path: Path) -> dict | None:
@@ -220,18 +266,19 @@ def _quality(row: dict) -> tuple[float | None, str]:
     return row["perplexity"], "WikiText-2 perplexity"
 
 
-def plot_accuracy(results: dict, x_key: str, x_label: str, x_scale: float, out: Path) -> None:
+def plot_accuracy(results: dict, x_key: str, x_label: str, x_scale: float, out: Path, method: str = "MoP") -> None:
+    """One line per seed of `method` (what was run, e.g. "width-only"), and the dense model."""
     dense, checkpoints = results["dense"], results["checkpoints"]
     figure, axes = plt.subplots(figsize=(6, 4))
     label = _quality(dense)[1]
     if dense.get(x_key) is not None:
         axes.scatter([dense[x_key] * x_scale], [_quality(dense)[0]], marker="*", s=160, color="black", label="dense")
     seeds = sorted({seed for per_seed in checkpoints.values() for seed in per_seed})
-    for seed in seeds:
+    for index, seed in enumerate(seeds):
         points = sorted((r[x_key] * x_scale, _quality(r)[0]) for per_seed in checkpoints.values()
                         for s, r in per_seed.items() if s == seed and r.get(x_key) is not None)
         if points:
-            axes.plot(*zip(*points), marker="o", alpha=0.8, label=f"MoP seed {seed}")
+            axes.plot(*zip(*points), marker=MARKERS[index % len(MARKERS)], alpha=0.8, label=f"{method} seed {seed}")
     axes.set_xlabel(x_label)
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
@@ -274,16 +321,22 @@ def plot_paths(results: dict, out: Path) -> None:
     plt.close(figure)
 
 
+def write_plots(results: dict, out: Path, method: str) -> None:
+    """The three plots of a run's report, from its results (those of results.json) and what was run."""
+    plot_accuracy(results, "compression", "compression (% of parameters removed)", 100,
+                  out / "accuracy_vs_compression.png", method)
+    plot_accuracy(results, "latency_s", "end-to-end latency (s, 128 tokens)", 1, out / "accuracy_vs_latency.png",
+                  method)
+    plot_paths(results, out / "paths.png")
+
+
 def write_report(out: Path, model: str, config, dense: Path | None = None) -> dict:
     """Collect every finished stage of the run in `out`, write report.md, results.json and the plots."""
     settings = json.loads(json.dumps(config.identity()))
     settings["latency"] = None if config.latency is None else asdict(config.latency)
     results = collect(out, config.search.targets, config.seeds, config.recovery is not None, dense)
     write_json_atomic(out / "results.json", {"model": model, "seeds": config.seeds, **results})
-    plot_accuracy(results, "compression", "compression (% of parameters removed)", 100,
-                  out / "accuracy_vs_compression.png")
-    plot_accuracy(results, "latency_s", "end-to-end latency (s, 128 tokens)", 1, out / "accuracy_vs_latency.png")
-    plot_paths(results, out / "paths.png")
+    write_plots(results, out, method_name(settings["search"]))
     (out / "report.md").write_text(markdown(results, model, settings))
     return results
 
@@ -298,14 +351,18 @@ def _seeds(method_dir: Path) -> list[int]:
 def collect_comparison(out: Path) -> dict:
     """Per method label, per target name, per seed: the finished checkpoint's row; and the dense row."""
     targets = json.loads((out / "compare.json").read_text())["targets"]
-    methods = {}
+    methods, dense = {}, None
     for method_dir in sorted(p for p in out.iterdir() if (p / "pipeline.json").is_file()):
         recovered = json.loads((method_dir / "pipeline.json").read_text())["identity"]["recovery"] is not None
         rows = collect(method_dir, targets, _seeds(method_dir), recovered, out / "dense" / "eval.json")
         methods[method_dir.name] = {"settings": json.loads((method_dir / "pipeline.json").read_text())["identity"],
                                     "checkpoints": rows["checkpoints"]}
         dense = rows["dense"]
-    return {"targets": targets, "dense": dense if methods else None, "methods": methods}
+    baselines = [r["baseline_latency_s"] for method in methods.values() for per_seed in method["checkpoints"].values()
+                 for r in per_seed.values() if "latency_s" in r]
+    if baselines:  # the dense model as timed beside every method's checkpoints, not one method's only
+        dense["latency_s"] = statistics.mean(baselines)
+    return {"targets": targets, "dense": dense, "methods": methods}
 
 
 def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
@@ -317,16 +374,22 @@ def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
     return sum(v * v for v in values) ** 0.5 / len(values)
 
 
+def _mean_stderr(rows: list[dict], evaluation_tasks: list[str]) -> float | None:
+    """The mean over seeds of the average's standard error; None when any seed lacks one."""
+    errors = [_average_stderr(r, evaluation_tasks) for r in rows]
+    return None if any(e is None for e in errors) else statistics.mean(errors)
+
+
 def comparison_markdown(results: dict, model: str, settings: dict, reference: str = "mop") -> str:
     dense, methods = results["dense"], results["methods"]
     tasks = list(dense["tasks"])
     header = ["method", "seeds", "compression % (all / body)", "parameters", "WikiText-2 ppl",
               *[f"{t}" for t in tasks], "average", "worst seed (average / ppl)", "speedup"]
     lines = [f"# Comparison of pruning methods: {model}", "",
-             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (lowest "
-             "average, highest perplexity); the average is the paper's (acc for WinoGrande, acc_norm for the "
-             "others). Compression is of all parameters (the paper's definition) and, after the slash, of the "
-             "non-embedding (body) parameters.", ""]
+             "Accuracies in %, mean ± std over seeds where a method has several, and its worst seed (the seed of "
+             "the lowest average: its average and perplexity); the average is the paper's (acc for WinoGrande, "
+             "acc_norm for the others). Compression is of all parameters (the paper's definition) and, after the "
+             "slash, of the non-embedding (body) parameters.", ""]
     if settings.get("eval_limit"):
         lines += [f"Tasks on their first {settings['eval_limit']} documents; perplexity on "
                   f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "
@@ -357,13 +420,16 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
 
 
 def _worst(rows: list[dict]) -> str:
-    """The worst seed's average accuracy (%) and perplexity, when there are several seeds."""
+    """The worst seed's average accuracy (%) and perplexity, both of that one seed (the lowest average; without
+    accuracy tasks, the highest perplexity), when there are several seeds."""
     if len(rows) < 2:
         return ""
-    averages = [100 * r["average"] for r in rows if r["average"] is not None]
-    perplexities = [r["perplexity"] for r in rows if r["perplexity"] is not None]
-    worst_average = f"{min(averages):.1f}" if averages else "–"
-    return f"{worst_average} / {max(perplexities):.2f}" if perplexities else f"{worst_average} / –"
+    if all(r["average"] is not None for r in rows):
+        worst = min(rows, key=lambda r: r["average"])
+    else:
+        worst = max(rows, key=lambda r: r["perplexity"] if r["perplexity"] is not None else -1)
+    average = "–" if worst["average"] is None else f"{100 * worst['average']:.1f}"
+    return f"{average} / " + ("–" if worst["perplexity"] is None else f"{worst['perplexity']:.2f}")
 
 
 def _changed(settings: dict, reference: dict, prefix: str = "") -> list[str]:
@@ -396,47 +462,73 @@ def _differences(methods: dict, target: str, tasks: list[str], reference: str) -
     accuracy_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
     ref_avg = statistics.mean(r["average"] for r in ref_rows)
     spread = max(r["average"] for r in ref_rows) - min(r["average"] for r in ref_rows)
-    ref_se = statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in ref_rows)
+    ref_se = _mean_stderr(ref_rows, accuracy_tasks)
     table = []
     for label, method in methods.items():
         rows = list(method["checkpoints"].get(target, {}).values())
         if label == reference or not rows or any(r["average"] is None for r in rows):
             continue
         delta = statistics.mean(r["average"] for r in rows) - ref_avg
-        se = (ref_se**2 + statistics.mean(_average_stderr(r, accuracy_tasks) or 0 for r in rows) ** 2) ** 0.5
+        method_se = _mean_stderr(rows, accuracy_tasks)
+        if ref_se is None or method_se is None:  # an unknown error is not a small one: no verdict
+            table.append([label, f"{100 * delta:+.1f}", "–", f"{100 * spread:.1f}", "unknown (no standard error)"])
+            continue
+        se = (ref_se**2 + method_se**2) ** 0.5
         exceeds = abs(delta) > 2 * se and abs(delta) > spread
         table.append([label, f"{100 * delta:+.1f}", f"{200 * se:.1f}", f"{100 * spread:.1f}",
                       ("yes: " + ("better" if delta > 0 else "worse")) if exceeds else "no"])
     return [f"Average accuracy against `{reference}` ({len(ref_rows)} seed(s)): a difference counts when it exceeds "
-            "both 2 standard errors of the two averages and the reference's seed range (max − min).", "",
+            "both 2 standard errors of the two averages and the reference's seed range (max − min); where a "
+            "standard error is missing (lm-eval gives none, e.g. for one document) there is no verdict.", "",
             *_table(["method", "Δ average (points)", "2·SE (points)", f"{reference} seed range (points)", "exceeds both"],
                     table), ""]
 
 
 def plot_comparison(results: dict, y: str, x: str, x_label: str, x_scale: float, out: Path) -> None:
-    """One line per method (mean over seeds per target) of `y` ('average' or 'perplexity') against `x`."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    """One line per method (mean over seeds per target) of `y` ('average' or 'perplexity') against `x`, each in
+    its own colour and marker (`method_styles`); the legend beside the axes, by family."""
+    figure, axes = plt.subplots(figsize=(9, 5))
     dense = results["dense"]
     def value(row: dict) -> float | None:
         return row["perplexity"] if y == "perplexity" else None if row["average"] is None else 100 * row["average"]
 
+    entries = {}  # family -> [(handle, label)]
     if dense.get(x) is not None and value(dense) is not None:
-        axes.scatter([dense[x] * x_scale], [value(dense)], marker="*", s=160, color="black", label="dense", zorder=3)
+        handle = axes.scatter([dense[x] * x_scale], [value(dense)], marker="*", s=200, color="black", zorder=3)
+        entries["dense"] = [(handle, "dense")]
+    styles = method_styles(results["methods"])
     for label, method in results["methods"].items():
-        points = []
-        for per_seed in method["checkpoints"].values():
+        points = []  # in the order of the targets, so that a line follows the method from target to target
+        for _, per_seed in sorted(method["checkpoints"].items()):
             rows = [r for r in per_seed.values() if r.get(x) is not None and value(r) is not None]
             if rows:
                 points.append((statistics.mean(r[x] for r in rows) * x_scale, statistics.mean(value(r) for r in rows)))
         if points:
-            axes.plot(*zip(*sorted(points)), marker="o", alpha=0.85, label=label)
+            style = styles[label]
+            handle, = axes.plot(*zip(*points), color=style["color"], linestyle=style["linestyle"],
+                                marker=style["marker"], markersize=7, linewidth=1.6, alpha=0.9)
+            entries.setdefault(style["family"], []).append((handle, label))
     axes.set_xlabel(x_label)
-    axes.set_ylabel("average accuracy (%)" if y == "average" else "WikiText-2 perplexity")
+    axes.set_ylabel("average accuracy (%)" if y == "average" else "WikiText-2 perplexity (log scale)")
     if y == "perplexity":
         axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
+        plain_log_ticks(axes.yaxis)
+    axes.grid(alpha=0.3, which="both" if y == "perplexity" else "major")
+    if entries:
+        handles, labels, headings = [], [], []
+        for family in ("dense", *FAMILIES):
+            if family in entries:
+                if family != "dense":  # a heading per family, in bold
+                    headings.append(len(labels))
+                    handles.append(Line2D([], [], linestyle="none"))
+                    labels.append(FAMILY_HEADINGS[family])
+                for handle, label in entries[family]:
+                    handles.append(handle)
+                    labels.append(label)
+        legend = axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10,
+                             frameon=False, handlelength=2.6, borderaxespad=0)
+        for index in headings:
+            legend.get_texts()[index].set_fontweight("bold")
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)

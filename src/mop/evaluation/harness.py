@@ -80,7 +80,8 @@ def evaluate(loaded: LoadedModel, tasks: list[str], limit: int | None = None, ba
     results = accuracy(loaded, accuracy_tasks, limit, batch_size, task_files) if accuracy_tasks else {}
     if PERPLEXITY_TASK in tasks:
         data = str((task_files or {}).get(PERPLEXITY_TASK, "wikitext2"))
-        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, ppl_segments or limit)
+        results[PERPLEXITY_TASK] = perplexity(loaded, data, ppl_segment_length, ppl_segments or limit,
+                                              wikitext=True)
     average, average_tasks = paper_average(results)
     return {
         "tasks": {name: results[name] for name in tasks},

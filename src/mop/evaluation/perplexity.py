@@ -35,11 +35,13 @@ def segments_perplexity(model: nn.Module, segments: list[torch.Tensor], label: s
     return math.exp(nll / tokens)
 
 
-def perplexity(loaded: LoadedModel, data: str, segment_length: int, limit: int | None) -> dict:
-    """Token perplexity of `data` (`wikitext2`: the standard protocol above); `limit` keeps the first `limit`
-    segments (all of them when None)."""
-    segments = text_segments(loaded.tokenizer, perplexity_text(data), segment_length, limit)
+def perplexity(loaded: LoadedModel, data: str, segment_length: int, limit: int | None,
+               wikitext: bool = False) -> dict:
+    """Token perplexity of `data` (`wikitext2`, or with `wikitext` a file of a WikiText split: the standard
+    protocol above); `limit` keeps the first `limit` segments (all of them when None)."""
+    wikitext = wikitext or data == "wikitext2"
+    segments = text_segments(loaded.tokenizer, perplexity_text(data, wikitext), segment_length, limit)
     return {"perplexity": segments_perplexity(loaded.model, segments, f"evaluate {PERPLEXITY_TASK}"),
             "segments": len(segments),
             "segment_length": segment_length, "tokens_scored": sum(len(s) - 1 for s in segments), "data": data,
-            "protocol": PROTOCOL if data == "wikitext2" else "texts joined by blank lines; " + PROTOCOL.split("; ", 1)[1]}
+            "protocol": PROTOCOL if wikitext else "texts joined by blank lines; " + PROTOCOL.split("; ", 1)[1]}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mop.data import load_rows
+from mop.data import load_rows, wikitext_file_rows
 from mop.errors import MopError
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "wikitext")
@@ -212,7 +212,8 @@ def _hub_task(manager, name: str):
 
 
 def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) -> None:
-    """Fail before a model loads: no task, an unknown task, a --task-file for an unknown task or a missing file."""
+    """Fail before a model loads: no task, an unknown task, a --task-file for an unknown task, a missing file or
+    a wikitext file that is not a WikiText split."""
     if not tasks:
         raise MopError(f"no task given; choose from {', '.join(TASKS)}")
     for name in [*tasks, *(task_files or {})]:
@@ -221,3 +222,5 @@ def validate_tasks(tasks: list[str], task_files: dict[str, Path] | None = None) 
     for name, path in (task_files or {}).items():
         if not Path(path).is_file():
             raise MopError(f"--task-file {name}={path}: no such file")
+        if name == PERPLEXITY_TASK:
+            wikitext_file_rows(Path(path))  # a WikiText split, or the protocol cannot be followed: refused

@@ -147,9 +147,14 @@ class MistralAdapter(DecoderAdapter):
 
 
 class Qwen2Adapter(DecoderAdapter):
-    """Qwen2/2.5: q/k/v biases (sliced with their weights) and a per-layer `layer_types` list."""
+    """Qwen2/2.5: q/k/v biases (sliced with their weights), a per-layer `layer_types` list and
+    `max_window_layers` (layers below it use full attention, those from it on the sliding window)."""
 
     def sync_config(self, model: nn.Module) -> None:
+        config = self.text_config(model)
+        kept = {layer.self_attn.layer_idx for layer in self.layers(model)}  # indices as the config last knew them
+        removed = set(range(config.num_hidden_layers)) - kept
+        config.max_window_layers -= sum(index < config.max_window_layers for index in removed)
         super().sync_config(model)
         config = self.text_config(model)
         config.layer_types = [layer.self_attn.layer_type for layer in self.layers(model)]

@@ -70,6 +70,10 @@ class SearchConfig:
                 raise MopError(f"target {target} is outside (0, 1)")
         if not self.targets:
             raise MopError("give at least one --target")
+        names = [target_name(t) for t in set(self.targets)]
+        if clash := sorted({name for name in names if names.count(name) > 1}):
+            raise MopError(f"targets {', '.join(map(str, sorted(set(self.targets))))} share a checkpoint directory "
+                           f"({', '.join(clash)}): give targets that differ in whole percents")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
@@ -98,7 +102,8 @@ class SearchConfig:
         unset = {"tensor_parallel": 1, "mlp_multiple": 1}
         if self.compensation == "none":
             unset.update(compensation="none", compensation_ridge=self.compensation_ridge)
-        return {k: v for k, v in asdict(self).items() if k != "targets" and not (k in unset and unset[k] == v)}
+        return {k: v for k, v in asdict(self).items() if k != "targets" and not (k in unset and unset[k] == v)} \
+            | {"lora": self.lora.identity()}
 
 
 MEASURES = {"all": "of all parameters", "body": "of non-embedding parameters"}  # what --compression-of targets
@@ -261,6 +266,10 @@ class Search:
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
             raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
+        if len(options) == 2 and not 0.9 <= plan.achieved / p_layer <= 1.1:  # `plan_width` came as near as it could
+            log.warning("iteration %d: the width candidate removes %.2f× the depth candidate's %d parameters (KV "
+                        "groups too coarse for what the MLP cannot take): the path compares unequal candidates",
+                        iteration, plan.achieved / p_layer, p_layer)
         scores, removed, repairs = None, None, {}
         if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
             choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
@@ -361,7 +370,9 @@ class Search:
         params = count_params(self.model)
         iterations = state.iterations[:iteration]
         return {
-            **state.header, "target": target, "compression_of": self.config.compression_of,
+            # the libraries of the session that writes this checkpoint, beside those of the one that began the run
+            **state.header, "versions": versions(), "run_versions": state.header["versions"],
+            "target": target, "compression_of": self.config.compression_of,
             "reached_at_iteration": iteration, "mode": self.config.mode,
             "criteria": {"layer": self.config.layer_criterion, "width": self.config.width_criterion,
                          "path": self.config.path_criterion},

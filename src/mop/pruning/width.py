@@ -94,17 +94,30 @@ class WidthPlan:
 def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float, units: WidthUnits = WidthUnits(),
                neuron_carry: float = 0.0) -> WidthPlan:
     """Split `budget` parameters between attention and MLP in proportion to their share of a layer, in the
-    `units` a layer may be left with. `carry` and `neuron_carry`: what earlier width steps left due (groups and
-    neurons per layer)."""
+    `units` a layer may be left with; where the MLP, down to one neuron (block), cannot take its part, attention
+    takes more groups, as many as bring the step nearest to `budget`. `carry` and `neuron_carry`: what earlier
+    width steps left due (groups and neurons per layer; a step that took more groups than due leaves a debt)."""
     attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
     row_cost = shape.group_params * n_layers  # one group out of every layer
     due = carry + budget * attention_share / row_cost
     most = max(0, min(math.floor(due), shape.kv_heads - 1, budget // row_cost))
-    groups = max(g for g in range(most + 1) if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts)
+    allowed = [g for g in range(shape.kv_heads)
+               if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts]
+    groups = max(g for g in allowed if g <= most)
     neuron_row = shape.neuron_params * n_layers
-    block = units.neuron_block
-    wanted = (budget - groups * row_cost) / neuron_row + neuron_carry  # neurons per layer
-    neurons = max(0, min(block * round(wanted / block), shape.intermediate - block))
+    block, cap = units.neuron_block, shape.intermediate - units.neuron_block
+
+    def mlp(groups: int) -> tuple[float, int]:
+        """Neurons per layer due beside `groups` groups, and those taken (whole blocks, one block kept)."""
+        wanted = (budget - groups * row_cost) / neuron_row + neuron_carry
+        return wanted, max(0, min(block * round(wanted / block), cap))
+
+    wanted, neurons = mlp(groups)
+    if block * round(wanted / block) > cap:  # the MLP cannot take the rest: attention takes it, in the allowed
+        # count that brings the step nearest to `budget` (a group out of every layer may cost more than the rest)
+        groups = min((g for g in allowed if g >= groups),
+                     key=lambda g: abs(g * row_cost + mlp(g)[1] * neuron_row - budget))
+        wanted, neurons = mlp(groups)
     if groups == 0 and neurons == 0 and block > 1 and shape.intermediate > block:
         neurons = block  # a step always removes something; the excess is carried as a debt
     achieved = groups * row_cost + neurons * neuron_row

@@ -78,7 +78,8 @@ def train(model: nn.Module, rows: list[data.Row], settings: LoraSettings, steps:
     if settings.batch_size % processes:
         raise MopError(f"batch size {settings.batch_size} is not a multiple of the {processes} processes")
     device = input_device(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(schedule)

@@ -3,10 +3,11 @@ for a block (the candidates' short tuning) or merged into the weights (recovery)
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,9 @@ class LoraSettings:
     alpha: int = 10
     dropout: float = 0.05
     learning_rate: float = 3e-4
+    # AdamW's decoupled weight decay: torch's default, which every run before the option used; the reference
+    # recipe (LLM-Pruner's and MoP's Alpaca LoRA) uses 0 (docs/design.md, "Recovery")
+    weight_decay: float = 0.01
     batch_size: int = 16  # examples per optimizer step, over all processes
     micro_batch_size: int = 4  # examples per forward/backward (gradient accumulation fills batch_size)
     max_length: int = 512  # tokens per example
@@ -43,6 +47,13 @@ class LoraSettings:
                 raise MopError(f"LoRA {name} must be positive, not {value}")
         if not 0 <= self.dropout < 1:
             raise MopError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise MopError(f"weight decay must be a number >= 0, not {self.weight_decay}")
+
+    def identity(self) -> dict:
+        """The settings as a run's identity: the default weight decay is left out, so runs made before it was
+        an option keep theirs."""
+        return {k: v for k, v in asdict(self).items() if not (k == "weight_decay" and v == 0.01)}
 
 
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Module:

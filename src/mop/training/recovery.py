@@ -56,7 +56,7 @@ class FinetuneConfig:
 
     def identity(self) -> dict:
         """Everything that decides the weights (how often the state is saved does not)."""
-        return {k: v for k, v in asdict(self).items() if k != "save_every"}
+        return {**{k: v for k, v in asdict(self).items() if k != "save_every"}, "lora": self.lora.identity()}
 
 
 def recovery_lora(model: str, **settings) -> LoraSettings:

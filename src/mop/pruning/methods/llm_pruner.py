@@ -109,27 +109,27 @@ def taylor_importance(model: nn.Module, adapter: DecoderAdapter, batches: list[B
 
 
 def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnits = WidthUnits()) -> WidthPlan:
-    """The KV groups and neurons every layer loses so that `budget` parameters go in all: attention takes its
-    share of the layer, as the nearest whole number of groups that fits a layer's part of the budget; the MLP
-    takes the rest, to the nearest neuron (block of `units.neuron_block` neurons). Only if the MLP cannot take
-    the rest (it keeps one block) does attention take whole groups more. A layer keeps at least one group, and
-    only group counts in `units.kv_counts`."""
+    """The KV groups and neurons every layer loses so that at least `budget` parameters go in all: attention
+    takes its share of the layer, as the nearest allowed number of groups (a count in `units.kv_counts`, at
+    least one group kept) that fits a layer's part of the budget; the MLP takes the rest, rounded up to whole
+    blocks of `units.neuron_block` neurons. Only if the MLP cannot take the rest (it keeps one block) does
+    attention take the fewest allowed groups more that let it; when none does, the plan falls short (the run
+    refuses such a target, see `OneShotPruner.run`)."""
     per_layer = budget / n_layers
-    block = units.neuron_block
+    block, cap = units.neuron_block, shape.intermediate - units.neuron_block
+    allowed = [g for g in range(shape.kv_heads)
+               if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts]
 
     def mlp_rest(groups: int) -> int:
-        """Neurons (whole blocks) that take a layer's budget beside `groups` KV groups."""
-        return block * round((per_layer - groups * shape.group_params) / shape.neuron_params / block)
+        """Neurons (whole blocks) that take at least a layer's budget beside `groups` KV groups."""
+        return block * math.ceil((per_layer - groups * shape.group_params) / shape.neuron_params / block)
 
     attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
-    groups = min(round(per_layer * attention_share / shape.group_params), shape.kv_heads - 1,
-                 int(per_layer // shape.group_params))
-    if mlp_rest(groups) > shape.intermediate - block:
-        groups = min(shape.kv_heads - 1,
-                     math.ceil((per_layer - (shape.intermediate - block) * shape.neuron_params) / shape.group_params))
-    if units.kv_counts is not None:  # the nearest allowed count that removes no more groups than planned
-        groups = max(g for g in range(groups + 1) if g == 0 or shape.kv_heads - g in units.kv_counts)
-    neurons = max(0, min(mlp_rest(groups), shape.intermediate - block))
+    planned = min(round(per_layer * attention_share / shape.group_params), int(per_layer // shape.group_params))
+    groups = max(g for g in allowed if g <= planned)
+    if mlp_rest(groups) > cap:
+        groups = next((g for g in allowed if g > groups and mlp_rest(g) <= cap), allowed[-1])
+    neurons = max(0, min(mlp_rest(groups), cap))
     achieved = n_layers * (groups * shape.group_params + neurons * shape.neuron_params)
     return WidthPlan(groups, neurons, budget, achieved, carry_in=0.0, carry_out=0.0)
 
@@ -163,7 +163,7 @@ class LLMPruner(OneShotPruner):
             return [logged]
         started = time.perf_counter()
         adapter = self.loaded.adapter
-        budget = round(self.original_params - self.goal(target))
+        budget = math.ceil(self.original_params - self.goal(target))
         shape = adapter.shape(model)
         units = self.config.alignment.units(shape, adapter.kv_head_counts(model))
         plan = uniform_plan(shape, len(adapter.layers(model)), budget, units)

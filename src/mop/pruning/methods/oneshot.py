@@ -113,6 +113,10 @@ class OneShotPruner(ABC):
             self.repairs: list[dict] = []
             records = self.cut(model, header["scores"], target, state)
             name = target_name(target)
+            if count_params(model) > self.goal(target):  # every method reaches its targets, or says it cannot
+                raise MopError(f"{self.config.method} cannot reach target {target} on {self.loaded.name}: its "
+                               f"cut keeps {count_params(model)} parameters, above the goal of "
+                               f"{self.goal(target):.0f}; choose another target or alignment")
             save_checkpoint(self.loaded, model, self.out / name, self.provenance(state, model, target, records))
             params = count_params(model)
             state.targets[name] = {"target": target, "iteration": records[-1]["iteration"] if records else 0,
@@ -127,6 +131,8 @@ class OneShotPruner(ABC):
         records = [{k: v for k, v in r.items() if k != "removed"} for r in records]
         return {
             **{k: v for k, v in state.header.items() if k != "scores"},
+            # the libraries of the session that writes this checkpoint, beside those of the one that scored
+            "versions": versions(), "run_versions": state.header["versions"],
             "method": self.config.method, "target": target, "compression_of": self.config.compression_of,
             "settings": self.settings(), "seed": self.config.seed,
             "path": "".join(r["choice"] for r in records), "params": params,
