@@ -1,5 +1,6 @@
 """Pruning benchmarks on the embedded SmolLM2-135M (issue 2): wall time and peak memory of `mop prune`
-(random and kl path criteria), and AMP scoring throughput relative to a plain forward pass.
+(random and kl path criteria, the random path with `--compensation lstsq` too), and AMP scoring throughput
+relative to a plain forward pass.
 
     MOP_DATA_DIR=../shared/data python benchmarks/bench_prune.py [--only NAME] [--redo]
 
@@ -32,6 +33,9 @@ CASES = {
     "prune-random-seed4": [*PRUNE[:-1], "4"],
     # kl with a reduced short-tuning schedule: 1·t steps of 2 examples of at most 128 tokens; 32 texts of at
     # most 128 tokens (the paper: 10·t steps of 16 examples, 128 texts)
+    # issue 27: the same runs with every cut repaired in closed form (one more calibration pass a step)
+    "prune-random-lstsq": PRUNE + ["--compensation", "lstsq"],
+    "prune-random-seed4-lstsq": [*PRUNE[:-1], "4", "--compensation", "lstsq"],
     "prune-kl": PRUNE + ["--path-criterion", "kl", "--tune-steps", "1", "--tune-batch-size", "2",
                          "--tune-micro-batch-size", "2", "--tune-max-length", "128", "--path-samples", "32",
                          "--path-max-length", "128"],

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mop import logs
+from mop import logs, recipes
 from mop.errors import MopError
 from mop.plugins import load_plugins
 from mop.pruning.compensation import DEFAULT_RIDGE, METHODS as COMPENSATIONS
@@ -135,8 +135,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full command line; the criteria and methods that plugins register must be loaded before."""
+def build_parser(recipe: str = "paper") -> argparse.ArgumentParser:
+    """The full command line, with `recipe`'s defaults; the criteria and methods that plugins register must be
+    loaded before."""
     parser = Parser(prog="mop", description="Structured pruning of LLaMA-family models with MoP.")
     commands = parser.add_subparsers(dest="command", required=True)
     for register in (register_prune, register_finetune, register_bench, register_eval, register_run,
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in commands.choices.values():
         _add_common_options(command)
     _apply_option_values(parser)
+    recipes.apply(parser, recipe)
     return parser
 
 
@@ -170,6 +172,7 @@ def register_prune(commands) -> None:
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
     """The options of the MoP search, shared by `mop prune` and `mop run`."""
+    recipes.add_recipe_option(parser)
     parser.add_argument("--target", type=float, action="append", required=True,
                         help="compression ratio in (0, 1); repeat for several checkpoints from one search")
     parser.add_argument("--method", default="mop",
@@ -672,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if plugins := load_plugins(early.plugin):
                 log.info("plugins: %s", ", ".join(plugins))
-            args = build_parser().parse_args(argv)
+            args = build_parser(recipes.chosen(argv)).parse_args(argv)
             _check_output_places(args)
             with invoked_as(argv):
                 args.handler(args)
