@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
+from mop import data
 from mop.cli import main
 from mop.errors import MopError
 from mop.evaluation import build_task, evaluate, local_file
@@ -234,7 +235,8 @@ def test_perplexity_equals_exp_mean_nll(tiny_dirs, tmp_path):
     record = evaluate(loaded, ["wikitext"], limit=3, ppl_segment_length=32, task_files={"wikitext": text_file})
     result = record["tasks"]["wikitext"]
 
-    ids = loaded.tokenizer("\n\n".join(line for line in lines if line.strip()))["input_ids"]
+    # the standard protocol: every row of the split joined by blank lines, the blank rows included
+    ids = loaded.tokenizer("\n\n".join(data.wikitext_rows("\n".join(lines))))["input_ids"]
     nll = []
     with torch.no_grad():
         for start in range(0, 3 * 32, 32):

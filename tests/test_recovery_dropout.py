@@ -5,6 +5,8 @@ import pytest
 
 import mop.compare
 import mop.pipeline
+import mop.report
+from rich.table import Table
 from conftest import SHARED_DATA
 from mop.cli import main
 
@@ -15,6 +17,7 @@ def configs(monkeypatch):
     seen = []
     monkeypatch.setattr(mop.pipeline, "run_pipeline", lambda model, config, out: seen.append(config))
     monkeypatch.setattr(mop.compare, "run_compare", lambda model, config, methods, out: seen.append(config))
+    monkeypatch.setattr(mop.report, "results_table", lambda results, title: Table())  # nothing ran to tabulate
     return seen
 
 

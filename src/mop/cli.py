@@ -106,6 +106,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
     "--recovery-dropout": probability,
+    "--compensation-ridge": positive_float,
     "--recovery-weight-decay": non_negative_float,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,

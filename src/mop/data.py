@@ -161,6 +161,8 @@ def wikitext_file_rows(path: Path) -> list[str]:
             rows = wikitext_rows(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:
             raise MopError(f"{path} cannot be parsed: {error}") from None
+    if not any(row.strip() for row in rows):
+        raise MopError(f"{path} holds no non-empty text")
     if not any(not row.strip() for row in rows):
         raise MopError(f"{path} has no blank row, so it is not a WikiText split (such as wiki.test.raw) and the "
                        "standard perplexity protocol, which joins every row with blank ones included, cannot "
