@@ -61,7 +61,7 @@ def timed_child(command: list[str]) -> dict:
 
 def import_baseline() -> int:
     """Peak RSS of a process that only imports what `mop prune` imports (interpreter + torch + transformers)."""
-    code = "import mop.cli, mop.search, torch, transformers, peft"
+    code = "import mop.cli, mop.pruning.search, torch, transformers, peft"
     process = subprocess.Popen([sys.executable, "-c", code])
     _, _, usage = os.wait4(process.pid, 0)
     return usage.ru_maxrss * 1024
