@@ -258,18 +258,9 @@ def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
         energy["delta"] += float(delta.double().square().sum())
         energy["out"] += float(x_out.double().square().sum())
 
-    run_input: list[torch.Tensor] = []
-
-    def read_run_input(x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        run_input[:] = [x_in]
-
-    def read_run_output(x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        read_delta(run_input[0], x_out)
-
-    hooks = [(down, "post", read_m), (layers[index], "post", read_run_input),
-             (layers[index + count - 1], "post", read_run_output)]
-    if count == 1:
-        hooks[1:] = [(layers[index], "post", read_delta)]
+    run_input: list[torch.Tensor] = []  # the run's first layer's input, [N, d]
+    hooks = [(down, "post", read_m), (layers[index], "pre", lambda x: run_input.__setitem__(slice(None), [x])),
+             (layers[index + count - 1], "post", lambda x_in, x_out: read_delta(run_input[0], x_out))]
     _calibration_pass(model, batches, hooks)
     n = max(m_moments.tokens, 1)
     c_mm, c_dm = m_moments.gram / n, cross[0] / n
