@@ -8,7 +8,9 @@ target the size, path, perplexities and the mean reconstruction errors, and the 
 the cells whose file is missing. Checkpoints go to `runs/compensation/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_compensation.py [--only LABEL ...] [--device cuda]
-                                                                        [--workers N]
+                                                                        [--workers N] [--recover kd24]
+
+`--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again.
 
 Everything but the compensation and the calibration text is the defaults of `mop prune` (the paper's AMP on
 128 prompts of at most 512 tokens), as in the quality study's rows (docs/RESULTS.md), so a compensated row
@@ -41,6 +43,12 @@ METHODS = {
     "mop-bi": ({"layer_criterion": "block_influence"}, (0, 1, 2)),
     "mop": ({}, (0,)),  # the paper's: third-to-last layer, random path
 }
+# recovery name → FinetuneConfig fields (LoRA fields under "lora"); `--recover NAME` recovers each cell's targets
+RECOVERIES = {
+    # the README job's budget: KD from the dense model on C4, 24 steps of 8 segments of 256 tokens, LoRA rate 2e-3
+    "kd24": {"method": "kd", "max_steps": 24,
+             "lora": {"learning_rate": 2e-3, "batch_size": 8, "max_length": 256, "activation_checkpointing": False}},
+}
 
 
 def cells() -> dict[str, dict]:
@@ -55,27 +63,51 @@ def cells() -> dict[str, dict]:
     for ridge in (1e-4, 1e-3, 1e-1, 1.0):  # the ridge, on width-only with C4 (the default 1e-2 is the row above)
         found[f"width-lstsq-c4-ridge{ridge:g}"] = {"mode": "width", "compensation": "lstsq", "calib": "c4",
                                                    "compensation_ridge": ridge}
+    # the README job's candidate at 20%: the small recipe's search on the job's 32 calibration prompts
+    found["mop-bi-lstsq-wikitext2-valid-n32"] = {"layer_criterion": "block_influence", "compensation": "lstsq",
+                                                 "calib": "wikitext2-valid", "calib_samples": 32}
     return found
 
 
 def command(fields: dict) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
-               "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge"}
+               "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge",
+               "calib_samples": "--calib-samples"}
     targets = " ".join(f"--target {t}" for t in TARGETS)
     return f"mop prune {MODEL} {targets} " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
 
 
-def done(label: str, targets: tuple[float, ...]) -> bool:
-    """Whether the cell's record holds every target of `targets`."""
+def done(label: str, targets: tuple[float, ...], recovery: str | None) -> bool:
+    """Whether the cell's record holds every target of `targets` (recovered by `recovery`, when given)."""
     path = DOCS / f"{label}.json"
-    return path.exists() and all(target_name(t) in json.loads(path.read_text())["targets"] for t in targets)
+    if not path.exists():
+        return False
+    measured = json.loads(path.read_text())["targets"]
+    return all(target_name(t) in measured and (recovery is None or recovery in measured[target_name(t)].get(
+        "recovered", {})) for t in targets)
 
 
 def target_name(target: float) -> str:
     return f"target-{round(100 * target)}"
 
 
-def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...]) -> dict:
+def recover(checkpoint: Path, recovery: str, device: str, segments: list) -> dict:
+    """Recover `checkpoint` by RECOVERIES[recovery] (into a sibling folder) and measure its perplexity."""
+    from mop.evaluation.perplexity import segments_perplexity
+    from mop.models import load_model
+    from mop.training.recovery import FinetuneConfig, finetune, recovery_lora
+
+    fields = dict(RECOVERIES[recovery])
+    config = FinetuneConfig(**{k: v for k, v in fields.items() if k != "lora"},
+                            lora=recovery_lora(str(checkpoint), **fields["lora"]))
+    out = checkpoint.with_name(f"{checkpoint.name}-{recovery}")
+    record = finetune(str(checkpoint), out, config, device=device)
+    model = load_model(str(out), device=device).model
+    return {"settings": fields, "seconds": record["seconds"], "last_loss": record["losses"][-1],
+            **{f"ppl{n}": segments_perplexity(model, segments[:n]) for n in SEGMENTS}}
+
+
+def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...], recovery: str | None) -> dict:
     from mop import data
     from mop.evaluation.perplexity import segments_perplexity
     from mop.models import load_model
@@ -101,6 +133,8 @@ def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...]) 
             "mean_error_before": compensation.get("mean_error_before"),
             "mean_error_after": compensation.get("mean_error_after"),
         }
+        if recovery is not None:
+            result["targets"][name]["recovered"] = {recovery: recover(out / name, recovery, device, segments)}
     return result
 
 
@@ -110,17 +144,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once (child processes)")
     parser.add_argument("--targets", type=float, nargs="+", default=TARGETS, help="a first pass at fewer targets")
+    parser.add_argument("--recover", choices=sorted(RECOVERIES), default=None,
+                        help="also recover every target by this budget and measure it")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     targets = tuple(args.targets)
     DOCS.mkdir(parents=True, exist_ok=True)
-    todo = {k: v for k, v in cells().items() if (not args.only or k in args.only) and not done(k, targets)}
+    todo = {k: v for k, v in cells().items()
+            if (not args.only or k in args.only) and not done(k, targets, args.recover)}
     if args.worker is None and args.workers > 1:
         from mop.models import embedded_model_dir
 
         embedded_model_dir(MODEL)  # converted once, before the workers share it
         children = [subprocess.Popen([sys.executable, __file__, "--device", args.device, "--workers",
                                       str(args.workers), "--worker", str(w), "--targets", *map(str, targets),
+                                      *(["--recover", args.recover] if args.recover else []),
                                       *sum((["--only", k] for k in todo), [])])
                     for w in range(args.workers)]
         sys.exit(max(child.wait() for child in children))
@@ -128,13 +166,17 @@ def main() -> None:
         if args.worker is not None and index % args.workers != args.worker:
             continue
         try:
-            result = run_cell(label, fields, args.device, targets)
+            result = run_cell(label, fields, args.device, targets, args.recover)
         except Exception as error:  # one failed cell does not stop the others; it is rerun next time
             print(f"{label}: failed: {error!r}", flush=True)
             continue
         path = DOCS / f"{label}.json"
-        if path.exists():  # targets measured earlier stay
-            result["targets"] = {**json.loads(path.read_text())["targets"], **result["targets"]}
+        if path.exists():  # targets and recoveries measured earlier stay
+            earlier = json.loads(path.read_text())["targets"]
+            for name, measured in result["targets"].items():
+                if recovered := {**earlier.get(name, {}).get("recovered", {}), **measured.get("recovered", {})}:
+                    measured["recovered"] = recovered
+            result["targets"] = {**earlier, **result["targets"]}
         path.with_suffix(".partial").write_text(json.dumps(result, indent=1))
         os.replace(path.with_suffix(".partial"), path)
         t = result["targets"]

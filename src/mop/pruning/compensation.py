@@ -10,22 +10,31 @@ pulling them toward their own values:
 where C = E[x xᵀ] is the input's second moment (float64) and λ = ridge · mean(diag C_KK). A module with a
 bias gets a constant input appended to x, so its bias absorbs the mean of what was cut (FLAP's compensation).
 
-Depth. Removing layer ℓ drops its update Δ = x_out − x_in from the residual stream. The last writer into the
-residual stream before it, layer ℓ−1's down_proj, has its output m [d] mapped by I + B so that m + B m stands in
-for Δ as well (ReplaceMe, LinearPatch); nothing else in layer ℓ−1 reads m, so the map folds exactly into
-down_proj: W_down' = (I + B) W_down. B = E[Δ mᵀ] (E[m mᵀ] + λI)⁻¹, the ridge pulling toward no map.
-Layer 0 has no layer before it and is removed without repair (its record says so): the embeddings could
-carry the map only by untying them from lm_head, which would change the checkpoint's shapes.
+Depth. Removing layer ℓ (or a run of layers) drops its update Δ = x_out − x_in from the residual stream. The
+last writer into the residual stream before it, layer ℓ−1's down_proj (output W h, h [inter] the MLP
+activations), is re-fitted so that its output carries Δ as well:
 
-Both read the model being cut (its activations are the inputs and its outputs the targets), in one forward
-pass over the calibration batches that stops after the last layer it needs. Grams are accumulated one chunk
-of layers at a time within `GRAM_BYTES`, so a 7B layer's MLP Gram (1 GB) is held alone. A repair is
-computed first (`Repair`) and applied to any structural copy of the model it was computed on, before the cut.
+    W' = argmin E‖W h + Δ − W' h‖² + λ‖W' − W‖²  =  W + E[Δ hᵀ] (E[h hᵀ] + λI)⁻¹
+
+A linear map I + B on the MLP output (ReplaceMe, LinearPatch) is the special case W' = (I + B) W; the re-fit
+is the least-squares fit over every linear map of h, so it fits the calibration at least as well (measured on
+ShortGPT's 8-layer cut of SmolLM2, WikiText-2 on 8 segments: 108.8 plain, 71.3 with the map, 67.9 re-fitted;
+docs/design.md). Layer 0 has no layer before it and is removed without repair (its record says so): the
+embeddings could carry a correction only by untying them from lm_head, which would change the checkpoint's
+shapes.
+
+Both read the model being cut (its activations are the inputs and its outputs the targets). A width cut's
+Grams are recorded during the width criterion's own pass over the calibration batches when every layer's fit
+in `GRAM_BYTES` together (`recorded_width_moments`; SmolLM2: 0.65 GB); otherwise, and for a depth cut, a
+forward pass of their own stops after the last layer it needs, one chunk of modules within `GRAM_BYTES` at a
+time, so a 7B layer's MLP Gram (1 GB) is held alone. A repair is computed first (`Repair`) and applied to any
+structural copy of the model it was computed on, before the cut.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -147,9 +156,11 @@ def _full_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
     return torch.cat([weight, linear.bias.detach().to(device, torch.float64)[:, None]], 1)
 
 
-def _relative_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """E‖Δ x‖² / E‖W x‖² from the Gram: tr(Δ C Δᵀ) / tr(W C Wᵀ)."""
-    return float(((delta @ gram) * delta).sum() / ((weight @ gram) * weight).sum().clamp_min(1e-300))
+def _output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """E‖W x‖² = tr(W C Wᵀ) for `weight` [out, n] and the Gram C [n, n]; in float32, a diagnostic that needs no
+    more (float64 would cost a third of a width repair on a CPU)."""
+    weight = weight.float()
+    return float(((weight @ gram.float()) * weight).sum())
 
 
 def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -173,13 +184,14 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     correction = _solve_spd(system, c_kr @ weight[:, cut].T).T  # W_R C_RK (C_KK + λI)⁻¹, [out, |K|]
     repaired = torch.zeros_like(weight)
     repaired[:, keep] = weight[:, keep] + correction
-    plain = weight * keep
-    return repaired, _relative_error(weight - plain, weight, gram), _relative_error(weight - repaired, weight, gram)
+    energy = max(_output_energy(weight, gram), 1e-300)
+    before = _output_energy(weight[:, cut], gram[cut][:, cut])  # the plain cut: Δ is the cut columns alone
+    return repaired, before / energy, _output_energy(weight - repaired, gram) / energy
 
 
 def _layer_chunks(sizes: list[int]) -> list[list[int]]:
-    """Consecutive layer indices grouped so that each group's Grams (`sizes`, bytes) fit GRAM_BYTES (one
-    layer at least)."""
+    """Consecutive indices of modules grouped so that each group's Grams (`sizes`, bytes) fit GRAM_BYTES (one
+    module at least)."""
     chunks: list[list[int]] = [[]]
     used = 0
     for index, size in enumerate(sizes):
@@ -191,65 +203,110 @@ def _layer_chunks(sizes: list[int]) -> list[list[int]]:
     return chunks
 
 
+def _width_consumers(model: nn.Module, adapter: DecoderAdapter) -> dict[str, nn.Linear]:
+    """The modules a width cut re-fits, by path from the layer list: every layer's o_proj and down_proj."""
+    return {f"{i}.{path}": layer.get_submodule(path) for i, layer in enumerate(adapter.layers(model))
+            for path in ("self_attn.o_proj", "mlp.down_proj")}
+
+
+def _gram_bytes(linear: nn.Linear) -> int:
+    return 8 * (linear.in_features + 1) ** 2
+
+
+@contextmanager
+def recorded_width_moments(model: nn.Module, adapter: DecoderAdapter, enabled: bool = True
+                           ) -> Iterator[dict[str, _Moments]]:
+    """Record, during the forward passes run inside the block (the width criterion's pass over the calibration
+    batches), the Grams of the inputs of every module a width cut re-fits, at real tokens: `width_repair` then
+    needs no pass of its own. Yields {path: moments}, empty when not `enabled` or when the Grams of all layers
+    would not fit in GRAM_BYTES (`width_repair` then reads them in passes of its own, a chunk of layers at a
+    time). The model must be called with an `attention_mask` keyword, as every calibration pass here is."""
+    consumers = _width_consumers(model, adapter)
+    if not enabled or sum(map(_gram_bytes, consumers.values())) > GRAM_BYTES:
+        yield {}
+        return
+    moments = {path: _Moments(linear.in_features, linear.bias is not None) for path, linear in consumers.items()}
+    real: list[torch.Tensor] = []
+
+    def read_mask(module, args, kwargs):
+        real[:] = [kwargs["attention_mask"].bool()]
+
+    def read_input(path: str):
+        def read(module, args):
+            moments[path].add(args[0][real[0].to(args[0].device)])
+
+        return read
+
+    handles = [model.register_forward_pre_hook(read_mask, with_kwargs=True)]
+    handles += [linear.register_forward_pre_hook(read_input(path)) for path, linear in consumers.items()]
+    try:
+        yield moments
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def width_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], groups: list[list[int]],
-                 neurons: list[list[int]], settings: CompensationSettings) -> Repair:
+                 neurons: list[list[int]], settings: CompensationSettings,
+                 moments: dict[str, _Moments] | None = None) -> Repair:
     """The repair of cutting, in every layer i, KV groups `groups[i]` (their n_rep query heads' o_proj input
-    columns) and MLP neurons `neurons[i]` (down_proj input columns) from `model`."""
+    columns) and MLP neurons `neurons[i]` (down_proj input columns) from `model`. `moments`: the Grams
+    `recorded_width_moments` took over `batches` on this model; without them, passes over `batches` read them."""
     shape = adapter.shape(model)
     layers = adapter.layers(model)
-    repair = Repair()
-    cut_layers = [i for i in range(len(layers)) if groups[i] or neurons[i]]
-
-    def modules(i: int) -> list[tuple[str, nn.Linear, torch.Tensor]]:
-        """(path, linear, keep mask over its inputs) of layer i's modules that lose inputs."""
-        found = []
+    consumers = _width_consumers(model, adapter)
+    keeps: dict[str, torch.Tensor] = {}  # path → which inputs stay, bool [in_features]
+    for i in range(len(layers)):
         if groups[i]:
             keep = torch.ones(shape.kv_heads, dtype=torch.bool)
             keep[groups[i]] = False
-            found.append(("self_attn.o_proj", layers[i].self_attn.o_proj,
-                          keep.repeat_interleave(shape.n_rep * shape.head_dim)))
+            keeps[f"{i}.self_attn.o_proj"] = keep.repeat_interleave(shape.n_rep * shape.head_dim)
         if neurons[i]:
             keep = torch.ones(shape.intermediate, dtype=torch.bool)
             keep[neurons[i]] = False
-            found.append(("mlp.down_proj", layers[i].mlp.down_proj, keep))
-        return found
-
-    sizes = [sum(8 * (m.in_features + 1) ** 2 for _, m, _ in modules(i)) for i in cut_layers]
-    for chunk in _layer_chunks(sizes):
-        targets = [(cut_layers[c], path, linear, keep) for c in chunk for path, linear, keep in modules(cut_layers[c])]
-        moments = [_Moments(linear.in_features, linear.bias is not None) for _, _, linear, _ in targets]
-        _calibration_pass(model, batches, [(linear, "pre", m.add)
-                                           for (_, _, linear, _), m in zip(targets, moments)])
-        for (i, path, linear, keep), m in zip(targets, moments):
-            keep = torch.cat([keep, keep.new_ones(1)]) if m.bias else keep  # the constant input stays
+            keeps[f"{i}.mlp.down_proj"] = keep
+    paths = list(keeps)
+    if moments:
+        chunks = [paths]
+    else:  # passes of their own, a chunk of layers within GRAM_BYTES at a time
+        chunks = [[paths[c] for c in chunk] for chunk in _layer_chunks([_gram_bytes(consumers[p]) for p in paths])]
+    repair = Repair()
+    for chunk in chunks:
+        if not moments:
+            chunk_moments = {p: _Moments(consumers[p].in_features, consumers[p].bias is not None) for p in chunk}
+            _calibration_pass(model, batches, [(consumers[p], "pre", chunk_moments[p].add) for p in chunk])
+        else:
+            chunk_moments = moments
+        for path in chunk:
+            linear, m = consumers[path], chunk_moments[path]
+            keep = torch.cat([keeps[path], keeps[path].new_ones(1)]) if m.bias else keeps[path]  # the constant stays
             gram = m.mean
             keep = keep.to(gram.device)
             weight, before, after = refit_columns(_full_weight(linear, gram.device), gram, keep, settings.ridge)
-            bias = weight[:, -1] if m.bias else None
-            repair.weights[f"{i}.{path}"] = (weight[:, :-1] if m.bias else weight, bias)
-            repair.records.append({"layer": i, "module": path, "error_before": before, "error_after": after,
-                                   "tokens": m.tokens})
+            repair.weights[path] = (weight[:, :-1] if m.bias else weight, weight[:, -1] if m.bias else None)
+            layer, module = path.split(".", 1)
+            repair.records.append({"layer": int(layer), "module": module, "error_before": before,
+                                   "error_after": after, "tokens": m.tokens})
     return repair
 
 
 def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], index: int,
                  settings: CompensationSettings, count: int = 1) -> Repair:
     """The repair of removing decoder layers index … index+count−1 (a run) from `model`: layer index−1's
-    down_proj output m mapped by I + B so that it also carries the run's update Δ (see the module doc)."""
+    down_proj re-fitted so that its output also carries the run's update Δ (see the module doc)."""
     removed = list(range(index, index + count))
     if index == 0:
-        return Repair(records=[{"layers": removed, "module": None, "skipped": "no layer before it to fold a map into"}])
+        return Repair(records=[{"layers": removed, "module": None, "skipped": "no layer before it to fold a repair into"}])
     layers = adapter.layers(model)
     down = layers[index - 1].mlp.down_proj
-    bias = down.bias is not None
-    m_moments = _Moments(down.out_features, bias)
-    cross: list[torch.Tensor] = []  # Σ Δ [m; 1]ᵀ, [d, d (+1)]
+    h_moments = _Moments(down.in_features, down.bias is not None)
+    cross: list[torch.Tensor] = []  # Σ Δ [h; 1]ᵀ, [d, inter (+1)]
     energy = {"delta": 0.0, "out": 0.0}
-    features: list[torch.Tensor] = []
+    features: list[torch.Tensor] = []  # the current batch's down_proj input [h; 1], [N, inter (+1)]
 
-    def read_m(x: torch.Tensor, out: torch.Tensor) -> None:
-        features[:] = [torch.cat([out, out.new_ones(len(out), 1)], 1) if bias else out]
-        m_moments.add(out)
+    def read_h(h: torch.Tensor) -> None:
+        features[:] = [torch.cat([h, h.new_ones(len(h), 1)], 1) if h_moments.bias else h]
+        h_moments.add(h)
 
     def read_delta(x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         delta = (x_out - x_in).float()
@@ -259,37 +316,36 @@ def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
         energy["out"] += float(x_out.double().square().sum())
 
     run_input: list[torch.Tensor] = []  # the run's first layer's input, [N, d]
-    hooks = [(down, "post", read_m), (layers[index], "pre", lambda x: run_input.__setitem__(slice(None), [x])),
+    hooks = [(down, "pre", read_h), (layers[index], "pre", lambda x: run_input.__setitem__(slice(None), [x])),
              (layers[index + count - 1], "post", lambda x_in, x_out: read_delta(run_input[0], x_out))]
     _calibration_pass(model, batches, hooks)
-    n = max(m_moments.tokens, 1)
-    c_mm, c_dm = m_moments.gram / n, cross[0] / n
-    lam = settings.ridge * c_mm.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(len(c_mm), dtype=c_mm.dtype, device=c_mm.device)
-    b = _solve_spd(c_mm + lam * eye, c_dm.T).T  # [d, d (+1)]
-    # E‖Δ − B m‖² = E‖Δ‖² − 2 tr(B C_mΔ) + tr(B C_mm Bᵀ)
-    residual = energy["delta"] / n - 2 * float((b * c_dm).sum()) + float(((b @ c_mm) * b).sum())
-    full = _full_weight(down, c_mm.device)  # [d, inter (+1)]
-    mapped = full + b[:, : down.out_features] @ full
-    if bias:
-        mapped[:, -1] += b[:, -1]  # the constant feature's coefficients add to the bias
+    n = max(h_moments.tokens, 1)
+    c_hh, c_dh = h_moments.gram / n, cross[0] / n
+    lam = settings.ridge * c_hh.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
+    correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
+    # E‖Δ − D h‖² = E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ)
+    residual = energy["delta"] / n - 2 * float((correction * c_dh).sum()) + _output_energy(correction, c_hh)
+    refitted = _full_weight(down, c_hh.device) + correction  # [d, inter (+1)]
     repair = Repair()
-    repair.weights[f"{index - 1}.mlp.down_proj"] = (mapped[:, :-1] if bias else mapped, mapped[:, -1] if bias else None)
+    repair.weights[f"{index - 1}.mlp.down_proj"] = (refitted[:, :-1], refitted[:, -1]) if h_moments.bias \
+        else (refitted, None)
     out = max(energy["out"] / n, 1e-300)
     repair.records.append({"layers": removed, "module": f"{index - 1}.mlp.down_proj",
                            "error_before": energy["delta"] / n / out, "error_after": max(residual, 0.0) / out,
-                           "tokens": m_moments.tokens})
+                           "tokens": h_moments.tokens})
     return repair
 
 
 def repair_for(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], settings: CompensationSettings,
-               width: dict | None = None, layer: int | None = None, count: int = 1) -> Repair | None:
+               width: dict | None = None, layer: int | None = None, count: int = 1,
+               moments: dict[str, _Moments] | None = None) -> Repair | None:
     """The repair of cutting `width` units ({"groups", "neurons"} per layer) or the `count` decoder layers
-    from `layer` on from `model`; None when `settings` asks for none."""
+    from `layer` on from `model` (`moments`: see `width_repair`); None when `settings` asks for none."""
     if not settings.enabled:
         return None
     if width is not None:
-        return width_repair(model, adapter, batches, width["groups"], width["neurons"], settings)
+        return width_repair(model, adapter, batches, width["groups"], width["neurons"], settings, moments)
     return depth_repair(model, adapter, batches, layer, settings, count)
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mop import data
 from mop.pruning.compensation import (METHODS as COMPENSATIONS, CompensationSettings, Repair, compensation_record, cut,
-                                     repair_for)
+                                     recorded_width_moments, repair_for)
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
 from mop.errors import MopError
 from mop.provenance import command, versions
@@ -215,15 +215,19 @@ class Search:
 
     # ------------------------------------------------------------ one iteration
 
-    def _width_units(self, model: nn.Module, plan: WidthPlan) -> dict:
-        """The KV groups and neurons (indices per layer) the width step removes: the lowest AMP scores."""
-        scores = WIDTH_CRITERIA[self.config.width_criterion](model, self.adapter, self.calibration)
+    def _width_candidate(self, model: nn.Module, plan: WidthPlan) -> tuple[dict, Repair | None]:
+        """The KV groups and neurons (indices per layer) the width step removes, the lowest AMP scores, and
+        their repair when compensation is on, from the Grams recorded during the scoring pass itself."""
+        settings = self.config.compensation_settings
+        with recorded_width_moments(model, self.adapter, settings.enabled) as moments:
+            scores = WIDTH_CRITERIA[self.config.width_criterion](model, self.adapter, self.calibration)
         groups, neurons = lowest_units(scores, plan)
-        return {"groups": groups, "neurons": neurons}
+        removed = {"groups": groups, "neurons": neurons}
+        return removed, repair_for(model, self.adapter, self.calibration, settings, width=removed, moments=moments)
 
-    def _repair(self, model: nn.Module, width: dict | None = None, layer: int | None = None) -> Repair | None:
-        """The closed-form repair of cutting `width` units or `layer` from `model` (None: compensation off)."""
-        return repair_for(model, self.adapter, self.calibration, self.config.compensation_settings, width, layer)
+    def _repair(self, model: nn.Module, layer: int) -> Repair | None:
+        """The closed-form repair of cutting `layer` from `model` (None: compensation off)."""
+        return repair_for(model, self.adapter, self.calibration, self.config.compensation_settings, layer=layer)
 
     def _cut(self, model: nn.Module, width: dict | None = None, layer: int | None = None,
              repair: Repair | None = None) -> list[dict] | None:
@@ -276,13 +280,14 @@ class Search:
         elif not self._scores_candidates:
             choice, decided_by = coin(c.seed, iteration), c.path_criterion
         else:
-            removed = self._width_units(model, plan)
-            repairs = {"W": self._repair(model, width=removed), "D": self._repair(model, layer=layer)}
+            removed, repairs["W"] = self._width_candidate(model, plan)
+            repairs["D"] = self._repair(model, layer=layer)
             scores = {"W": self._score(model, iteration, width=removed, repair=repairs["W"]),
                       "D": self._score(model, iteration, layer=layer, repair=repairs["D"])}
             choice, decided_by = ("W" if scores["W"] <= scores["D"] else "D"), c.path_criterion
         if choice == "W":  # the winner is built from F^(t-1)'s own, untuned weights
-            removed = removed or self._width_units(model, plan)
+            if removed is None:
+                removed, repairs["W"] = self._width_candidate(model, plan)
             compensation = self._cut(model, width=removed, repair=repairs.get("W"))
             self.carry, self.neuron_carry = plan.carry_out, plan.neuron_carry_out
         else:
