@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks" / "latency_model.json"
 REPORT = ROOT / "docs" / "benchmarks" / "latency_model.md"
 DENSE = "smollm2-135m"
+QUIET_DENSE_DECODE_MS = 48.43  # docs/benchmarks/latency.md, float32, the dense model
 
 
 def fit_cell(dense: LoadedModel, settings: LatencySettings) -> dict:
@@ -81,15 +82,21 @@ def write_report(results: dict) -> None:
              f"by `{results['command']}`; every number in latency_model.json.", "",
              "**Noise.** The machine is shared (2 cores, other developers' jobs running): the load average at each "
              "cell is in the table; a timing on it can be off by tens of percent, and the fit and the measurements "
-             "ran at different times, so part of every error below is the machine, not the model.", "",
-             "## Fit", "",
-             f"`{fit['form']}`, non-negative least squares on relative residuals; seven random-weight shapes "
-             f"(`synthetic_shapes`) timed by the protocol ({context['settings']['runs']} runs, first "
-             f"{context['settings']['warmup']} discarded, {context['settings']['prompt_tokens']}-token prompt, {context['settings']['new_tokens']} "
-             f"new tokens; prefill of {context['settings']['prefill_tokens']} tokens).", "",
-             "| quantity | fixed ms | per layer µs | per query head µs | per KV head µs | per neuron ns "
-             "| worst fit error |",
-             "|---|---|---|---|---|---|---|"]
+             "ran at different times, so part of every error below is the machine, not the model.", ""]
+    if DENSE in results["cells"]:
+        decode_ms = 1e3 * results["cells"][DENSE]["measured"]["decode_s"]
+        lines += [f"The dense model decoded at {decode_ms:.0f} ms/token here, against {QUIET_DENSE_DECODE_MS} "
+                  "ms/token on a quiet 2-core machine (docs/benchmarks/latency.md, 2 threads): these numbers test "
+                  "the code path, not the model's accuracy, which needs a quiet machine.", ""]
+    fitted = context["settings"]
+    lines += ["## Fit", "",
+              f"`{fit['form']}`, non-negative least squares on relative residuals; seven random-weight shapes "
+              f"(`synthetic_shapes`) timed by the protocol ({fitted['runs']} runs, first {fitted['warmup']} "
+              f"discarded, {fitted['prompt_tokens']}-token prompt, {fitted['new_tokens']} new tokens; prefill of "
+              f"{fitted['prefill_tokens']} tokens).", "",
+              "| quantity | fixed ms | per layer µs | per query head µs | per KV head µs | per neuron ns "
+              "| worst fit error |",
+              "|---|---|---|---|---|---|---|"]
     for quantity, c in fit["coefficients"].items():
         lines.append(f"| {quantity} | {1e3 * c['fixed']:.3f} | {1e6 * c['per_layer']:.1f} | "
                      f"{1e6 * c['per_query_head']:.2f} | {1e6 * c['per_kv_head']:.2f} | {1e9 * c['per_neuron']:.2f} | "
@@ -111,7 +118,7 @@ def write_report(results: dict) -> None:
         speedup = (f"{cell['predicted']['speedup']:.3f} | {cell['measured']['speedup']:.3f} ± "
                    f"{cell['measured']['speedup_std']:.3f} | {error(cell, 'speedup')}" if "speedup" in cell["measured"]
                    else "1 | 1 (itself) | –")
-        method = f"{cell['method']} `{cell['path']}`" if cell.get("method") else "dense"
+        method = f"{cell.get('method') or 'mop'} `{cell['path']}`" if cell.get("path") else "dense"
         lines.append(f"| `{name}` | {method} | {shape} | {speedup} | "
                      f"{1e3 * cell['predicted']['decode_s']:.2f} | {1e3 * cell['measured']['decode_s']:.2f} | "
                      f"{error(cell, 'decode_s')} | {cell['load_average'][0]:.1f} |")
