@@ -1,5 +1,5 @@
 """Latency benchmark (issue 3): speedup of the SmolLM2-135M MoP checkpoints at 20%, 30% and 40% compression over
-the dense model, on CPU in float32 and bfloat16, under the paper's protocol (`mop.latency`: batch 1, 12-token
+the dense model, on CPU in float32 and bfloat16, under the paper's protocol (`mop.latency.protocol`: batch 1, 12-token
 prompt, 128 greedy tokens, 20 alternating runs per model, the first 10 discarded).
 
     MOP_DATA_DIR=../shared/data python benchmarks/bench_latency.py [--only float32/target-30] [--redo] [--dry]

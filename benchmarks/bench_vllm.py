@@ -23,7 +23,7 @@ from pathlib import Path
 from mop.latency import LatencySettings, benchmark
 from mop.models import load_model
 from mop.provenance import write_json_atomic
-from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm
+from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench-vllm"

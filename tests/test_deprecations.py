@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.utils.deprecation import deprecate_kwarg
 
-from mop.latency import greedy_generate
+from mop.latency.protocol import greedy_generate
 
 
 class DeprecatedCacheFlag(torch.nn.Module):

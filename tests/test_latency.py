@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_model
 from mop.cli import main
 from mop.errors import MopError
-from mop.latency import (LatencySettings, benchmark, fixed_prompt, greedy_generate, measure, run_order,
-                         speedup_stats, timed_generate)
+from mop.latency import LatencySettings, benchmark, measure
+from mop.latency.protocol import fixed_prompt, greedy_generate, run_order, speedup_stats, timed_generate
 from mop.models import load_model, save_checkpoint
 from mop.pruning.surgery import remove_layer
 

@@ -20,7 +20,8 @@ from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, L
 from conftest import train_tiny_tokenizer
 from mop import cli
 from mop.evaluation import multimodal
-from mop.latency import LatencySettings, benchmark, greedy_generate, image_prompt, image_prompt_latency
+from mop.latency import LatencySettings, benchmark
+from mop.latency.protocol import greedy_generate, image_prompt, image_prompt_latency
 from mop.models import count_all_params, count_params, load_model, save_checkpoint
 from mop.models.llava import PROMPT
 from mop.pruning.search import Search, SearchConfig

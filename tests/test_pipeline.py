@@ -106,7 +106,7 @@ def fake_vllm_record(candidate, baseline, settings) -> dict:
 
 
 def test_run_with_vllm_timing_reports_it_and_reruns_nothing(tiny_dirs, tmp_path, stage_calls, monkeypatch):
-    from mop.serving.vllm_bench import VllmBenchSettings
+    from mop.latency.vllm_bench import VllmBenchSettings
 
     monkeypatch.setattr(mop.pipeline, "find_vllm_python", lambda: (tmp_path, ""))
     monkeypatch.setattr(mop.pipeline, "benchmark_vllm", fake_vllm_record)
@@ -125,7 +125,7 @@ def test_run_with_vllm_timing_reports_it_and_reruns_nothing(tiny_dirs, tmp_path,
 
 
 def test_vllm_timing_without_vllm_is_refused_before_work(tiny_dirs, tmp_path, monkeypatch):
-    from mop.serving.vllm_bench import VllmBenchSettings
+    from mop.latency.vllm_bench import VllmBenchSettings
 
     monkeypatch.setenv("MOP_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     out = tmp_path / "run"

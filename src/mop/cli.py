@@ -471,7 +471,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def _bench_vllm(args: argparse.Namespace, latency) -> None:
     from mop.latency import source_of
     from mop.models.loading import resolve_model_dir
-    from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm, summary_table
+    from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm, summary_table
 
     settings = VllmBenchSettings(latency, batch=args.batch, batch_runs=args.batch_runs, dtype=args.dtype)
     baseline = args.baseline or (source_of(resolve_model_dir(args.model)) or {}).get("name")
@@ -569,7 +569,7 @@ def _pipeline_config(args: argparse.Namespace):
     from mop.latency import LatencySettings
     from mop.models.loading import resolve_model_dir
     from mop.pipeline import PipelineConfig
-    from mop.serving.vllm_bench import VllmBenchSettings
+    from mop.latency.vllm_bench import VllmBenchSettings
     from mop.training import FinetuneConfig
     from mop.training.recovery import recovery_lora
 

@@ -29,7 +29,7 @@ from mop.models import load_model, weights_sha256
 from mop.pruning import methods
 from mop.pruning.search import SearchConfig, target_name
 from mop.provenance import write_json_atomic
-from mop.serving.vllm_bench import VllmBenchSettings, benchmark_vllm
+from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm
 from mop.serving.vllm_check import find_vllm_python
 from mop.training import FinetuneConfig, finetune
 

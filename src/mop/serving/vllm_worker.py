@@ -1,4 +1,4 @@
-"""The vLLM side of `mop.serving.vllm_check` and `mop.serving.vllm_bench`, run by the interpreter of vLLM's own
+"""The vLLM side of `mop.serving.vllm_check` and `mop.latency.vllm_bench`, run by the interpreter of vLLM's own
 environment.
 
     VENV/bin/python src/mop/serving/vllm_worker.py JOBS.json OUT.jsonl

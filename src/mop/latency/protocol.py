@@ -231,10 +231,16 @@ def summarize(model: nn.Module, runs: list[Run], settings: LatencySettings) -> d
 
 def measure(models: dict[str, nn.Module], tokenizer, settings: LatencySettings, clock: Clock = time.perf_counter
             ) -> dict[str, dict]:
-    """Time every model under the protocol, alternating them run by run; per model name, see `summarize`."""
+    """Time every model under the protocol on the fixed prompts, alternating them run by run; per model name, see
+    `summarize`."""
+    prompts = fixed_prompt(tokenizer, settings.prompt_tokens), fixed_prompt(tokenizer, settings.prefill_tokens)
+    return measure_on(models, *prompts, settings, clock)
+
+
+def measure_on(models: dict[str, nn.Module], prompt: torch.Tensor, long_prompt: torch.Tensor,
+               settings: LatencySettings, clock: Clock = time.perf_counter) -> dict[str, dict]:
+    """`measure` on given prompt ids: `prompt` [1, prompt_tokens], `long_prompt` [1, prefill_tokens]."""
     settings.validate()
-    prompt = fixed_prompt(tokenizer, settings.prompt_tokens)
-    long_prompt = fixed_prompt(tokenizer, settings.prefill_tokens)
     for name, model in models.items():
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and max(settings.prompt_tokens + settings.new_tokens, settings.prefill_tokens) > limit:

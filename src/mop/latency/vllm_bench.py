@@ -3,7 +3,7 @@
     mop bench CKPT --engine vllm [--baseline DENSE] [--batch 16] --output F.json
 
 Both models are loaded side by side in vLLM's own environment (`vllm_worker.run_bench`, the interpreter that
-`mop check` uses) and timed as `mop.latency` times them in transformers: batch 1, the same fixed prompt ids,
+`mop check` uses) and timed as `mop.latency.protocol` times them in transformers: batch 1, the same fixed prompt ids,
 exactly `new_tokens` greedy tokens (EOS ignored), `runs` runs per model with the models alternating, the first
 `warmup` discarded. Then throughput: `batch` requests submitted at once, each a distinct `prompt_tokens`-long
 window of the fixed passage and `new_tokens` tokens long, timed in `batch_runs` alternating runs (the first
@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mop.errors import MopError
-from mop.latency import LatencySettings, describe_device, fixed_prompt, mean_std, speedup_stats
+from mop.latency.protocol import LatencySettings, describe_device, fixed_prompt, mean_std, speedup_stats
 from mop.models.loading import resolve_model_dir
 from mop.provenance import versions
 from mop.serving.vllm_check import find_vllm_python, run_worker, serving_overrides

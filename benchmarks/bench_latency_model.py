@@ -1,0 +1,170 @@
+"""Latency model benchmark (issue 28): the latency model of this machine fitted for SmolLM2-135M (`mop.latency.model`:
+seven random-weight shapes timed by the protocol), then for the dense model
+and each given checkpoint its predicted end-to-end speedup and decode time against the protocol's measurement
+(`mop.latency.benchmark` against the dense model, runs alternating).
+
+    MOP_DATA_DIR=../shared/data python benchmarks/bench_latency_model.py [CKPT ...] [--threads N] [--runs 8]
+        [--warmup 2] [--fit-runs 5] [--fit-warmup 2] [--redo]
+
+Each cell (the fit, the dense model, each checkpoint by its path as given) is cached in
+docs/benchmarks/latency_model.json as soon as it finishes, so a rerun computes only the missing cells (`--redo`:
+all of them); docs/benchmarks/latency_model.md is rewritten from that file every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from mop.latency import LatencyModel, LatencySettings, benchmark, checkpoint_shape, measure, measure_latency_model
+from mop.latency.model import FIT_SETTINGS, model_shape
+from mop.latency.protocol import describe_device
+from mop.models import LoadedModel, load_model
+from mop.provenance import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "benchmarks" / "latency_model.json"
+REPORT = ROOT / "docs" / "benchmarks" / "latency_model.md"
+DENSE = "smollm2-135m"
+QUIET_DENSE_DECODE_MS = 48.43  # docs/benchmarks/latency.md, float32, the dense model
+
+
+def fit_cell(dense: LoadedModel, settings: LatencySettings) -> dict:
+    config = dense.adapter.text_config(dense.model)
+    return measure_latency_model(config, settings, refresh=True).record()
+
+
+def dense_cell(model: LatencyModel, dense: LoadedModel, settings: LatencySettings) -> dict:
+    """The dense model timed alone against its predicted times."""
+    shape = model_shape(dense.model, dense.adapter)
+    timed = measure({"dense": dense.model}, dense.tokenizer, settings)["dense"]
+    return {"shape": asdict(shape), "load_average": os.getloadavg(),
+            "measured": {"end_to_end_s": timed["end_to_end_s"]["mean"],
+                         "decode_s": timed["decode_ms_per_token"]["mean"] / 1000},
+            "predicted": {"end_to_end_s": model.seconds(shape), "decode_s": model.decode_seconds(shape)}}
+
+
+def checkpoint_cell(model: LatencyModel, dense: LoadedModel, directory: str, settings: LatencySettings) -> dict:
+    """A checkpoint timed against the dense model (the protocol's speedup) against its predicted speedup and times."""
+    shape, dense_shape = checkpoint_shape(directory), model_shape(dense.model, dense.adapter)
+    candidate = load_model(directory)
+    record = benchmark(candidate, dense, settings)
+    written_by_mop = Path(directory) / "mop.json"
+    provenance = json.loads(written_by_mop.read_text()) if written_by_mop.is_file() else {}
+    timed = record["models"]["candidate"]
+    return {"shape": asdict(shape), "params": timed["params"], "load_average": os.getloadavg(),
+            "method": provenance.get("method"), "path": provenance.get("path"),
+            "compression": provenance.get("compression"),
+            "measured": {"speedup": record["speedup"]["ratio_of_means"], "speedup_std": record["speedup"]["std"],
+                         "end_to_end_s": timed["end_to_end_s"]["mean"],
+                         "decode_s": timed["decode_ms_per_token"]["mean"] / 1000},
+            "predicted": {"speedup": model.speedup(dense_shape, shape), "end_to_end_s": model.seconds(shape),
+                          "decode_s": model.decode_seconds(shape)}}
+
+
+def error(cell: dict, key: str) -> str:
+    return f"{100 * (cell['predicted'][key] / cell['measured'][key] - 1):+.1f}%"
+
+
+def write_report(results: dict) -> None:
+    fit = results["fit"]
+    context = fit["context"]
+    settings = results["settings"]
+    lines = ["# Latency model: predicted against measured (SmolLM2-135M, CPU)", "",
+             f"Machine: {context['device']}, {context['torch_threads']} torch thread(s), {context['dtype']}, "
+             f"torch {context['versions']['torch']}, transformers {context['versions']['transformers']}. Produced "
+             f"by `{results['command']}`; every number in latency_model.json.", "",
+             "**Noise.** The machine is shared (2 cores, other developers' jobs running): the load average at each "
+             "cell is in the table; a timing on it can be off by tens of percent, and the fit and the measurements "
+             "ran at different times, so part of every error below is the machine, not the model.", ""]
+    if DENSE in results["cells"]:
+        decode_ms = 1e3 * results["cells"][DENSE]["measured"]["decode_s"]
+        lines += [f"The dense model decoded at {decode_ms:.0f} ms/token here, against {QUIET_DENSE_DECODE_MS} "
+                  "ms/token on a quiet 2-core machine (docs/benchmarks/latency.md, 2 threads): these numbers test "
+                  "the code path, not the model's accuracy, which needs a quiet machine.", ""]
+    fitted = context["settings"]
+    lines += ["## Fit", "",
+              f"`{fit['form']}`, non-negative least squares on relative residuals; seven random-weight shapes "
+              f"(`synthetic_shapes`) timed by the protocol ({fitted['runs']} runs, first {fitted['warmup']} "
+              f"discarded, {fitted['prompt_tokens']}-token prompt, {fitted['new_tokens']} new tokens; prefill of "
+              f"{fitted['prefill_tokens']} tokens).", "",
+              "| quantity | fixed ms | per layer µs | per query head µs | per KV head µs | per neuron ns "
+              "| worst fit error |",
+              "|---|---|---|---|---|---|---|"]
+    for quantity, c in fit["coefficients"].items():
+        lines.append(f"| {quantity} | {1e3 * c['fixed']:.3f} | {1e6 * c['per_layer']:.1f} | "
+                     f"{1e6 * c['per_query_head']:.2f} | {1e6 * c['per_kv_head']:.2f} | {1e9 * c['per_neuron']:.2f} | "
+                     f"{100 * fit['max_abs_relative_error'][quantity]:.1f}% |")
+    lines += ["", "Fitted shapes (measured decode ms/token, predicted, error):", ""]
+    for row in fit["fit"]:
+        s = row["shape"]
+        lines.append(f"- L{s['layers']} H{s['heads']}/KV{s['kv_heads']} I{s['intermediate']}: "
+                     f"{1e3 * row['measured']['decode']:.2f}, {1e3 * row['predicted']['decode']:.2f}, "
+                     f"{100 * row['relative_error']['decode']:+.1f}%")
+    lines += ["", "## Checkpoints", "",
+              f"Protocol: {settings['runs']} runs, first {settings['warmup']} discarded, each checkpoint alternating "
+              "with the dense model; speedup = ratio of mean end-to-end times.", "",
+              "| model | method | shape | predicted speedup | measured speedup | error | predicted decode ms | "
+              "measured decode ms | error | load average |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, cell in results["cells"].items():
+        s = cell["shape"]
+        shape = f"L{s['layers']} H{s['heads']}/KV{s['kv_heads']} I{s['intermediate']}"
+        speedup = (f"{cell['predicted']['speedup']:.3f} | {cell['measured']['speedup']:.3f} ± "
+                   f"{cell['measured']['speedup_std']:.3f} | {error(cell, 'speedup')}" if "speedup" in cell["measured"]
+                   else "1 | 1 (itself) | –")
+        method = f"{cell.get('method') or 'mop'} `{cell['path']}`" if cell.get("path") else "dense"
+        lines.append(f"| `{name}` | {method} | {shape} | {speedup} | "
+                     f"{1e3 * cell['predicted']['decode_s']:.2f} | {1e3 * cell['measured']['decode_s']:.2f} | "
+                     f"{error(cell, 'decode_s')} | {cell['load_average'][0]:.1f} |")
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoints", nargs="*", help="pruned checkpoint directories of SmolLM2-135M")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fit-runs", type=int, default=FIT_SETTINGS.runs, help="protocol runs per fitted shape")
+    parser.add_argument("--fit-warmup", type=int, default=FIT_SETTINGS.warmup)
+    parser.add_argument("--redo", action="store_true", help="measure every cell again")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = LatencySettings(runs=args.runs, warmup=args.warmup, time_generate=False)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.redo else {}
+    results.update(command=" ".join(["MOP_DATA_DIR=../shared/data python benchmarks/bench_latency_model.py",
+                                     *sys.argv[1:]]),
+                   settings=asdict(settings), device=describe_device(torch.device("cpu")))
+    cells = results.setdefault("cells", {})
+    dense = load_model(DENSE)
+
+    def save() -> None:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(RESULTS, results)
+        write_report(results)
+
+    if "fit" not in results:
+        print("fitting the latency model ...", flush=True)
+        results["fit"] = fit_cell(dense, replace(FIT_SETTINGS, runs=args.fit_runs, warmup=args.fit_warmup))
+        save()
+    model = LatencyModel.from_record(results["fit"])
+    for name in [DENSE, *args.checkpoints]:
+        if name in cells:
+            continue
+        print(f"timing {name} ...", flush=True)
+        cells[name] = dense_cell(model, dense, settings) if name == DENSE else checkpoint_cell(model, dense, name,
+                                                                                                settings)
+        save()
+    write_report(results)
+    print(REPORT.read_text())
+
+
+if __name__ == "__main__":
+    main()

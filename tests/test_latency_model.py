@@ -1,0 +1,201 @@
+"""The latency model: the fit recovers known per-unit costs from a fake clock, keeps every coefficient ≥ 0, the
+cache is read back and keyed by context, predicted speedups of real tiny checkpoints are ordered as measured,
+and bad input is refused."""
+
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig
+
+import mop.latency.model
+from conftest import TINY, VOCAB, random_model
+from mop.errors import MopError
+from mop.latency import LatencySettings, ModelShape, checkpoint_shape, fit_latency_model, measure, model_shape
+from mop.latency.model import (QUANTITIES, Coefficients, LatencyModel, ShapeTiming, cache_path, config_shape,
+                               features, measure_latency_model, measurement_context, nonnegative_least_squares,
+                               synthetic_model, synthetic_shapes)
+from mop.models import load_model
+
+SETTINGS = LatencySettings(runs=3, warmup=1, prompt_tokens=4, new_tokens=3, prefill_tokens=8)
+COSTS = Coefficients(fixed=0.5, per_layer=0.25, per_query_head=0.03, per_kv_head=0.07, per_neuron=0.001)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads wait on each other behind other processes
+    (a tiny forward pass took 1 s instead of 6 ms), which makes these timings slow and noisy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(family: str = "llama-gqa"):
+    config = TINY[family]()
+    config.vocab_size = VOCAB
+    return config
+
+
+def fake_clock(costs: Coefficients):
+    """A clock that advances, at every forward pass of a causal LM, by `costs` applied to its shape: `fixed` at the
+    model's call, and each decoder layer's cost at that layer's call. Returns the clock and the hook's handle."""
+    now = [0.0]
+
+    def advance(module: nn.Module, args) -> None:
+        name = type(module).__name__
+        if name.endswith("ForCausalLM"):
+            now[0] += costs.fixed
+        elif name.endswith("DecoderLayer"):
+            attention, head_dim = module.self_attn, module.self_attn.head_dim
+            now[0] += (costs.per_layer + costs.per_query_head * (attention.q_proj.out_features // head_dim)
+                       + costs.per_kv_head * (attention.k_proj.out_features // head_dim)
+                       + costs.per_neuron * module.mlp.gate_proj.out_features)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(advance)
+    return (lambda: now[0]), handle
+
+
+@pytest.fixture
+def faked():
+    clock, handle = fake_clock(COSTS)
+    yield clock
+    handle.remove()
+
+
+def exact_timings(costs: Coefficients, shapes: list[ModelShape]) -> list[ShapeTiming]:
+    return [ShapeTiming(s, {q: costs.seconds(s) for q in QUANTITIES}) for s in shapes]
+
+
+def test_fit_on_a_fake_clock_recovers_the_per_unit_costs(faked, tmp_path):
+    """Synthetic models timed by the protocol on a clock with known costs: decode and prefill recover them (one
+    forward pass each), end-to-end recovers new_tokens times them (the prompt pass and new_tokens − 1 steps)."""
+    model = measure_latency_model(tiny_config(), SETTINGS, cache=tmp_path, clock=faked)
+    expected = {"decode": asdict(COSTS), "prefill": asdict(COSTS),
+                "end_to_end": {k: SETTINGS.new_tokens * v for k, v in asdict(COSTS).items()}}
+    for quantity in QUANTITIES:
+        assert asdict(model.coefficients[quantity]) == pytest.approx(expected[quantity], rel=1e-9, abs=1e-12)
+    assert max(model.record()["max_abs_relative_error"].values()) < 1e-9
+    dense = config_shape(tiny_config())
+    assert model.decode_seconds(dense) == pytest.approx(0.5 + 6 * (0.25 + 0.03 * 4 + 0.07 * 2 + 0.001 * 96))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_synthetic_shapes_are_built_exactly_and_identify_the_coefficients(family):
+    dense = config_shape(tiny_config(family))
+    shapes = synthetic_shapes(dense)
+    assert shapes[0] == dense and len(set(shapes)) == len(shapes)
+    for shape in shapes:
+        assert model_shape(synthetic_model(tiny_config(family), shape, "cpu", "float32")) == shape
+    fitted = fit_latency_model(exact_timings(COSTS, shapes))
+    assert asdict(fitted.coefficients["decode"]) == pytest.approx(asdict(COSTS), rel=1e-9)
+
+
+def test_fit_keeps_coefficients_non_negative_at_the_constrained_optimum():
+    """Timings made with a negative KV-head cost: plain least squares returns it negative; the fit sets it to 0
+    and is optimal under the constraint (no zero coefficient could lower the error by growing)."""
+    shapes = synthetic_shapes(ModelShape(layers=8, heads=6, kv_heads=2, head_dim=16, intermediate=64, hidden=64,
+                                         vocab=512))
+    signed = replace(COSTS, per_kv_head=-0.02)
+    timings = exact_timings(signed, shapes)
+    design = torch.tensor([features(s) for s in shapes], dtype=torch.float64)
+    target = torch.tensor([t.seconds["decode"] for t in timings], dtype=torch.float64)
+    assert torch.linalg.lstsq(design, target.unsqueeze(1)).solution[3, 0] < 0
+    fitted = fit_latency_model(timings).coefficients["decode"]
+    assert min(asdict(fitted).values()) >= 0 and fitted.per_kv_head == 0
+    x = nonnegative_least_squares(design, target)
+    gradient = design.T @ (target - design @ x)  # −½ d‖a x − b‖² / dx
+    assert (gradient[x == 0] <= 1e-9).all() and gradient[x > 0].abs().max() < 1e-9
+
+
+def test_unit_latency_is_the_saving_of_one_unit():
+    model = fit_latency_model(exact_timings(COSTS, synthetic_shapes(config_shape(tiny_config()))))
+    shape = ModelShape(layers=5, heads=6, kv_heads=3, head_dim=16, intermediate=80, hidden=64, vocab=512)
+    units = model.unit_latency(shape, of="decode")
+    seconds = model.decode_seconds
+    assert units.layer == pytest.approx(seconds(shape) - seconds(replace(shape, layers=4)))
+    assert units.kv_group == pytest.approx(seconds(shape) - seconds(replace(shape, heads=4, kv_heads=2)))
+    assert units.neuron == pytest.approx(seconds(shape) - seconds(replace(shape, intermediate=79)))
+    assert units.kv_group == pytest.approx(5 * (0.07 + 2 * 0.03))
+    smaller = replace(shape, layers=2)
+    assert model.speedup(shape, smaller, of="decode") == pytest.approx(seconds(shape) / seconds(smaller))
+    assert LatencyModel.from_record(model.record()).coefficients == model.coefficients
+
+
+def test_cache_is_read_back_and_keyed_by_device_dtype_and_engine(faked, tmp_path, monkeypatch):
+    config = tiny_config()
+    first = measure_latency_model(config, SETTINGS, cache=tmp_path, clock=faked)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_clock() -> float:
+        raise AssertionError("timed again instead of reading the cache")
+
+    again = measure_latency_model(config, SETTINGS, cache=tmp_path, clock=no_clock)
+    assert again.coefficients == first.coefficients and again.record() == first.record()
+    # another dtype, another device: measured again, into another file
+    bf16 = measure_latency_model(config, SETTINGS, dtype="bfloat16", cache=tmp_path, clock=faked)
+    assert bf16.context["dtype"] == "bfloat16" and len(list(tmp_path.glob("*.json"))) == 2
+    monkeypatch.setattr(mop.latency.model, "describe_device", lambda device: "another machine")
+    moved = measure_latency_model(config, SETTINGS, cache=tmp_path, clock=faked)
+    assert moved.context["device"] == "another machine" and len(list(tmp_path.glob("*.json"))) == 3
+    context = measurement_context(config, SETTINGS, "cpu", "float32", "transformers")
+    assert cache_path(context, tmp_path) != cache_path({**context, "engine": "vllm"}, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def depth_checkpoints(tmp_path_factory, tokenizer):
+    """A random 8-layer LLaMA and its 4- and 2-layer versions, saved as checkpoints."""
+    root = tmp_path_factory.mktemp("depths")
+    dirs = {}
+    for layers in (8, 4, 2):
+        config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                             intermediate_size=256, num_hidden_layers=layers, tie_word_embeddings=True)
+        random_model(config).save_pretrained(root / f"L{layers}")
+        tokenizer.save_pretrained(root / f"L{layers}")
+        dirs[layers] = root / f"L{layers}"
+    return dirs
+
+
+def test_predicted_speedups_of_checkpoints_are_ordered_as_measured(depth_checkpoints, tmp_path):
+    settings = LatencySettings(runs=6, warmup=2, prompt_tokens=4, new_tokens=16, prefill_tokens=32,
+                               time_generate=False)
+    loaded = {layers: load_model(str(directory)) for layers, directory in depth_checkpoints.items()}
+    dense = loaded[8]
+    model = measure_latency_model(dense.adapter.text_config(dense.model), settings, cache=tmp_path)
+    shapes = {layers: checkpoint_shape(str(directory)) for layers, directory in depth_checkpoints.items()}
+    assert {layers: shape.layers for layers, shape in shapes.items()} == {8: 8, 4: 4, 2: 2}
+    assert shapes[2] == model_shape(loaded[2].model, loaded[2].adapter)
+    predicted = {layers: model.speedup(shapes[8], shapes[layers]) for layers in (4, 2)}
+    timed = measure({f"L{layers}": m.model for layers, m in loaded.items()}, dense.tokenizer, settings)
+    seconds = {int(name[1:]): result["end_to_end_s"]["mean"] for name, result in timed.items()}
+    measured = {layers: seconds[8] / seconds[layers] for layers in (4, 2)}
+    assert 1 < predicted[4] < predicted[2] and 1 < measured[4] < measured[2]
+
+
+def test_bad_input_is_refused():
+    config = tiny_config()
+    shapes = synthetic_shapes(config_shape(config))
+    with pytest.raises(MopError, match="cannot fit 5 coefficients"):
+        fit_latency_model(exact_timings(COSTS, shapes[:4]))
+    with pytest.raises(MopError, match="do not identify"):
+        fit_latency_model(exact_timings(COSTS, [replace(shapes[0], intermediate=i) for i in range(10, 80, 10)]))
+    broken = exact_timings(COSTS, shapes)
+    broken[2] = ShapeTiming(shapes[2], {**broken[2].seconds, "decode": -1.0})
+    with pytest.raises(MopError, match="positive finite time"):
+        fit_latency_model(broken)
+    with pytest.raises(MopError, match="share head_dim, hidden and vocab"):
+        fit_latency_model(exact_timings(COSTS, [*shapes[:-1], replace(shapes[-1], hidden=32)]))
+    with pytest.raises(MopError, match="not a model shape"):
+        fit_latency_model(exact_timings(COSTS, [replace(shapes[0], heads=3), *shapes[1:]]))
+    with pytest.raises(MopError, match="not implemented for vLLM"):
+        measure_latency_model(config, SETTINGS, engine="vllm")
+    with pytest.raises(MopError, match="unknown engine"):
+        measure_latency_model(config, SETTINGS, engine="tensorrt")
+    with pytest.raises(MopError, match="unknown dtype"):
+        measure_latency_model(config, SETTINGS, dtype="int8")
+    with pytest.raises(MopError, match="warmup"):
+        measure_latency_model(config, replace(SETTINGS, warmup=2))
+    model = fit_latency_model(exact_timings(COSTS, shapes))
+    with pytest.raises(MopError, match="unknown latency quantity"):
+        model.speedup(shapes[0], shapes[1], of="throughput")
