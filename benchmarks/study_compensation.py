@@ -63,9 +63,10 @@ def cells() -> dict[str, dict]:
     for ridge in (1e-4, 1e-3, 1e-1, 1.0):  # the ridge, on width-only with C4 (the default 1e-2 is the row above)
         found[f"width-lstsq-c4-ridge{ridge:g}"] = {"mode": "width", "compensation": "lstsq", "calib": "c4",
                                                    "compensation_ridge": ridge}
-    # the README job's candidate at 20%: the small recipe's search on the job's 32 calibration prompts
-    found["mop-bi-lstsq-wikitext2-valid-n32"] = {"layer_criterion": "block_influence", "compensation": "lstsq",
-                                                 "calib": "wikitext2-valid", "calib_samples": 32}
+    # the README job's candidates at 20%: the small recipe's search and width-only on the job's 32 calibration prompts
+    for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "width": {"mode": "width"}}.items():
+        found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**fields, "compensation": "lstsq", "calib": "wikitext2-valid",
+                                                      "calib_samples": 32}
     return found
 
 
