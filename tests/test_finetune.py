@@ -3,6 +3,7 @@ checkpoints and their hash, the bf16 merge, resume, two processes, knowledge dis
 random models."""
 
 import copy
+import functools
 import json
 import os
 import socket
@@ -149,42 +150,57 @@ class Interrupted(Exception):
     pass
 
 
-def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp_path, monkeypatch):
-    model = str(tiny_dirs["llama-gqa"])
-    whole = finetune(model, tmp_path / "whole", small())
+def interrupt_after_first_state(model: str, out: Path, config: FinetuneConfig, monkeypatch) -> Path:
+    """Run the fine-tune and kill it once its first resumable state is on disk; returns that state's folder."""
+    write = checkpoints.write_json_atomic
+
+    def crash_after_first_state(path, payload):
+        write(path, payload)
+        raise Interrupted
+
+    monkeypatch.setattr(checkpoints, "write_json_atomic", crash_after_first_state)
+    with pytest.raises(Interrupted):
+        finetune(model, out, config)
+    monkeypatch.undo()
+    assert not out.exists()
+    step = json.loads((checkpoints.state_dir(out) / "progress.json").read_text())["step"]
+    return checkpoints.state_dir(out) / f"step-{step}"
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_finetune_resumes_bitwise_and_leaves_a_finished_out_alone(tiny_dirs, tmp_path, monkeypatch, trainable):
+    model, config = str(tiny_dirs["llama-gqa"]), functools.partial(small, trainable=trainable)
+    whole = finetune(model, tmp_path / "whole", config())
     assert whole["steps"] == 4 and len(whole["losses"]) == 4 and whole["resumed_at"] == []
     assert whole["data"]["rows"] + whole["data"]["dropped"] == whole["data"]["examples"] == 999
     saved = load_file(tmp_path / "whole" / "model.safetensors")
     assert whole["merged_sha256"] == [weights_sha256(tmp_path / "whole")] == [provenance.weights_digest(saved)]
     assert not checkpoints.state_dir(tmp_path / "whole").exists()
 
-    write = checkpoints.write_json_atomic
-
-    def crash_after_first_state(path, payload):  # dies once the state of step 2 is on disk
-        write(path, payload)
-        raise Interrupted
-
-    monkeypatch.setattr(checkpoints, "write_json_atomic", crash_after_first_state)
-    with pytest.raises(Interrupted):
-        finetune(model, tmp_path / "resumed", small())
-    assert not (tmp_path / "resumed").exists()
-    assert json.loads((checkpoints.state_dir(tmp_path / "resumed") / "progress.json").read_text())["step"] == 2
-    monkeypatch.undo()
+    state = interrupt_after_first_state(model, tmp_path / "resumed", config(), monkeypatch)
+    assert state.name == "step-2"
+    # the state holds what trains, beside the optimizer: the adapters, or every weight (the tied embedding once)
+    trained = load_file(state / checkpoints.Checkpoints.TRAINED)
+    if trainable == "lora":
+        assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+    else:
+        assert trained.keys() == saved.keys()
+    assert (state / "optimizer.bin").is_file()
     with pytest.raises(MopError, match="state of another fine-tune"):
-        finetune(model, tmp_path / "resumed", small(seed=1))
-    resumed = finetune(model, tmp_path / "resumed", small())
+        finetune(model, tmp_path / "resumed", config(seed=1))
+    resumed = finetune(model, tmp_path / "resumed", config())
     assert resumed["resumed_at"] == [2]
     assert resumed["losses"] == whole["losses"] and resumed["merged_sha256"] == whole["merged_sha256"]
     for name, tensor in load_file(tmp_path / "resumed" / "model.safetensors").items():
         assert torch.equal(tensor, saved[name]), name
 
     mtime = (tmp_path / "whole" / "mop.json").stat().st_mtime_ns
-    assert finetune(model, tmp_path / "whole", small()) == whole
+    assert finetune(model, tmp_path / "whole", config()) == whole
     assert (tmp_path / "whole" / "mop.json").stat().st_mtime_ns == mtime
     with pytest.raises(MopError, match="other settings"):
-        finetune(model, tmp_path / "whole", small(seed=1))
+        finetune(model, tmp_path / "whole", config(seed=1))
     with pytest.raises(MopError, match="not a mop fine-tune"):
-        finetune(model, tiny_dirs["mistral"], small())
+        finetune(model, tiny_dirs["mistral"], config())
 
 
 def free_port() -> int:

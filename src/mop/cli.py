@@ -29,8 +29,12 @@ from mop.pruning.compensation import DEFAULT_RIDGE, METHODS as COMPENSATIONS
 from mop.provenance import invoked_as
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
+from mop.training.recovery import TRAINABLE
 
 log = logging.getLogger("mop.cli")  # not __name__: `python -m mop.cli` runs it as __main__
+TRAINABLE_HELP = ("what recovery trains: lora, adapters merged at the end (the paper's), or full, every weight of "
+                  "the language model, embeddings included (for small models: weights, gradients and AdamW's two "
+                  "moments take about 4x the weights' memory)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -271,19 +275,21 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def register_finetune(commands) -> None:
-    finetune = commands.add_parser("finetune", help="recovery fine-tuning with LoRA, merged into a plain checkpoint "
-                                                    "(resumable; runs on several processes under accelerate launch)")
+    finetune = commands.add_parser("finetune", help="recovery fine-tuning with LoRA (merged) or of every weight, "
+                                                    "into a plain checkpoint (resumable; runs on several processes "
+                                                    "under accelerate launch)")
     _add_model_options(finetune)
     finetune.add_argument("--out", type=Path, required=True,
                           help="checkpoint directory to write; an interrupted run resumes from OUT.finetune-state")
     finetune.add_argument("--method", default="sft", choices=["sft", "kd"],
                           help="sft: learn Alpaca responses; kd: match the teacher's logits on raw text")
+    finetune.add_argument("--trainable", default="lora", choices=TRAINABLE, help=TRAINABLE_HELP)
     finetune.add_argument("--data", default="alpaca", help="sft data: alpaca or an Alpaca-format file")
     finetune.add_argument("--epochs", type=float, default=2.0)
     finetune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     finetune.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes")
     finetune.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward/backward")
-    finetune.add_argument("--lr", type=float, default=3e-4)
+    finetune.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (the paper's LoRA 3e-4)")
     finetune.add_argument("--max-length", type=int, default=512, help="tokens per example")
     finetune.add_argument("--rank", type=int, default=None,
                           help="LoRA rank (default 32; on a vision-language model 8)")
@@ -293,7 +299,7 @@ def register_finetune(commands) -> None:
     finetune.add_argument("--weight-decay", type=float, default=0.01,
                           help="AdamW weight decay (torch's default 0.01; the reference recipe's is 0)")
     finetune.add_argument("--no-activation-checkpointing", action="store_true",
-                          help="keep every layer's activations while training LoRA: faster, much more memory")
+                          help="keep every layer's activations while training: faster, much more memory")
     finetune.add_argument("--save-every", type=int, default=25, help="optimizer steps between resumable states")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--teacher", default=None, help="kd teacher (default: the source model in mop.json)")
@@ -314,7 +320,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                          activation_checkpointing=not args.no_activation_checkpointing, **given)
     config = FinetuneConfig(data=args.data, epochs=args.epochs, max_steps=args.max_steps, lora=lora, seed=args.seed,
                             save_every=args.save_every, method=args.method, teacher=args.teacher,
-                            kd_data=args.kd_data, kd_temperature=args.kd_temperature)
+                            kd_data=args.kd_data, kd_temperature=args.kd_temperature, trainable=args.trainable)
     config.validate()  # before the model loads
     _check_training_data(config)
     record = finetune(args.model, args.out, config, args.device, args.dtype)
@@ -505,13 +511,15 @@ def _add_pipeline_options(run: argparse.ArgumentParser) -> None:
     recovery = run.add_argument_group("recovery fine-tuning (mop finetune)")
     recovery.add_argument("--no-recovery", action="store_true", help="evaluate the pruned checkpoints as they are")
     recovery.add_argument("--recovery-method", default="sft", choices=["sft", "kd"])
+    recovery.add_argument("--recovery-trainable", default="lora", choices=TRAINABLE, help=TRAINABLE_HELP)
     recovery.add_argument("--recovery-data", default="alpaca")
     recovery.add_argument("--recovery-epochs", type=float, default=2.0)
     recovery.add_argument("--recovery-steps", type=int, default=None, help="optimizer steps (overrides the epochs)")
     recovery.add_argument("--recovery-batch-size", type=int, default=16)
     recovery.add_argument("--recovery-micro-batch-size", type=int, default=4)
     recovery.add_argument("--recovery-max-length", type=int, default=512)
-    recovery.add_argument("--recovery-lr", type=float, default=3e-4, help="LoRA learning rate (the paper's 3e-4)")
+    recovery.add_argument("--recovery-lr", type=float, default=3e-4,
+                          help="AdamW learning rate (the paper's LoRA 3e-4)")
     recovery.add_argument("--recovery-dropout", type=float, default=0.05, help="LoRA dropout (the paper's 0.05)")
     recovery.add_argument("--recovery-weight-decay", type=float, default=0.01,
                           help="AdamW weight decay (torch's default 0.01; the reference recipe's is 0)")
@@ -575,7 +583,7 @@ def _pipeline_config(args: argparse.Namespace):
 
     recovery = None if args.no_recovery else FinetuneConfig(
         data=args.recovery_data, epochs=args.recovery_epochs, max_steps=args.recovery_steps,
-        method=args.recovery_method, lora=recovery_lora(args.model, batch_size=args.recovery_batch_size,
+        method=args.recovery_method, trainable=args.recovery_trainable, lora=recovery_lora(args.model, batch_size=args.recovery_batch_size,
                                                         micro_batch_size=args.recovery_micro_batch_size,
                                                         max_length=args.recovery_max_length,
                                                         learning_rate=args.recovery_lr,

@@ -103,15 +103,25 @@ def _shape(config: PretrainedConfig) -> str:
             f"{text.num_key_value_heads} KV heads, MLP width {text.intermediate_size}, hidden size {text.hidden_size}.")
 
 
+RECOVERY_KINDS = {"lora": "LoRA", "full": "full-parameter"}  # FinetuneConfig.trainable → its words in a card
+
+
+def _trainable(finetune: dict) -> str:
+    """What a fine-tune trained, `lora` or `full` (records made before the option are LoRA)."""
+    return finetune["settings"].get("trainable", "lora")
+
+
 def _recovery(finetune: dict | None) -> str:
     if finetune is None:
         return "- **Recovery**: none (the pruned weights as they are)."
     data, lora = finetune["data"], finetune["settings"]["lora"]
     teacher = f", distilled from `{finetune['teacher']['name']}`" if finetune.get("teacher") else ""
-    return (f"- **Recovery**: LoRA {finetune['method']}{teacher}, {finetune['steps']} steps of {lora['batch_size']} "
-            f"examples of at most {lora['max_length']} tokens from `{data['data']}` ({finetune['epochs']:.3g} "
-            f"epochs), learning rate {lora['learning_rate']}, rank {lora['rank']}, alpha {lora['alpha']}, "
-            f"dropout {lora['dropout']}; merged into the weights.")
+    trainable = _trainable(finetune)
+    adapters = ("every weight of the language model trained" if trainable == "full" else
+                f"rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}; merged into the weights")
+    return (f"- **Recovery**: {RECOVERY_KINDS[trainable]} {finetune['method']}{teacher}, {finetune['steps']} steps "
+            f"of {lora['batch_size']} examples of at most {lora['max_length']} tokens from `{data['data']}` "
+            f"({finetune['epochs']:.3g} epochs), learning rate {lora['learning_rate']}, {adapters}.")
 
 
 def _reproduce(provenance: dict) -> list[str]:
@@ -190,14 +200,15 @@ def card(provenance: dict, config: PretrainedConfig, directory_name: str, result
                          pipeline_tag="image-text-to-text" if multimodal else "text-generation",
                          tags=list(dict.fromkeys(["mop", *(["pruned", method] if pruned else []),
                                                   *(["llava"] if multimodal else []),
-                                                  *(["lora-recovered"] if provenance.get("finetune") else [])])),
+                                                  *([f"{_trainable(finetune)}-recovered"] if finetune else [])])),
                          model_name=name, eval_results=list(results) or None)
     if pruned:
-        recovered = " and recovered by LoRA fine-tuning" if provenance.get("finetune") else ""
+        recovered = f" and recovered by {RECOVERY_KINDS[_trainable(finetune)]} fine-tuning" if finetune else ""
         summary = (f"`{base}` structurally pruned by mop (mixture-of-pruners) with `{method}`{recovered}: "
                    f"{_pct(provenance['compression'])} of its parameters removed.")
     elif finetune:
-        summary = f"`{base}` fine-tuned by mop's LoRA recovery (`mop finetune`), not pruned by mop."
+        summary = (f"`{base}` fine-tuned by mop's {RECOVERY_KINDS[_trainable(finetune)]} recovery (`mop finetune`), "
+                   "not pruned by mop.")
     else:
         summary = f"`{base}` written by mop; its `mop.json` records no pruning and no recovery."
     lines = [f"# {name}", "", summary, "",

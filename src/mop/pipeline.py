@@ -76,8 +76,8 @@ class PipelineConfig:
         settings.pop("latency")
         settings.pop("vllm_latency")
         settings["search"] = {k: v for k, v in self.search.identity().items() if k != "seed"}
-        if self.recovery is not None:
-            settings["recovery"]["lora"] = self.recovery.lora.identity()
+        if self.recovery is not None:  # its own identity, which leaves defaults of later options out
+            settings["recovery"] = {**self.recovery.identity(), "save_every": self.recovery.save_every}
         return settings
 
 

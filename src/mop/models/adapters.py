@@ -104,10 +104,14 @@ class DecoderAdapter:
         """The KV-group counts a pruned layer may keep and still be exported (None: any count)."""
         return None
 
+    def language_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of the language model (embeddings, decoder layers, final norm, lm_head; tied ones once):
+        what `--target` compresses and what full-parameter recovery trains. For a causal LM, every parameter."""
+        return list(model.parameters())
+
     def language_params(self, model: nn.Module) -> int:
-        """P(F), what `--target` compresses: the parameters of the language model (embeddings, decoder layers,
-        final norm, lm_head; tied ones once). For a causal LM, every parameter."""
-        return sum(p.numel() for p in model.parameters())
+        """P(F): the number of `language_parameters`."""
+        return sum(p.numel() for p in self.language_parameters(model))
 
 
 class LlamaAdapter(DecoderAdapter):

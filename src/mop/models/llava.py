@@ -55,11 +55,11 @@ class LlavaAdapter(LlamaAdapter):
         config.text_config = copy.deepcopy(text)
         return config
 
-    def language_params(self, model: nn.Module) -> int:
+    def language_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The language model's parameters: embeddings, decoder layers, final norm and lm_head (tied ones once);
         not the vision tower's or the projector's."""
         modules = (self.backbone(model), model.get_output_embeddings())
-        return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
+        return list({id(p): p for m in modules for p in m.parameters()}.values())
 
 
 ADAPTERS["LlavaForConditionalGeneration"] = LlavaAdapter()

@@ -1,4 +1,5 @@
-"""Resumable training state: the LoRA weights, optimizer, scheduler and RNG of an interrupted fine-tune."""
+"""Resumable training state: the trained weights (LoRA adapters, or the whole language model), optimizer,
+scheduler and RNG of an interrupted fine-tune."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mop.errors import MopError
-from mop.models import input_device
 from mop.provenance import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ class Progress:
 class Checkpoints:
     """Resumable training state in `directory`: `progress.json` (written last, atomically) names the last
     complete `step-N/`, which holds accelerate's saved state (optimizer, scheduler, every process's RNG)
-    with the LoRA weights only: the base weights never change."""
+    with the trained parameters only (`trained_parameters`: the LoRA adapters, or every weight of the language
+    model in full fine-tuning): the frozen weights never change, so they are not copied."""
 
-    ADAPTERS = "adapters.safetensors"
+    TRAINED = "trained.safetensors"  # before full fine-tuning: `adapters.safetensors`, in peft's names (refused)
 
     def __init__(self, directory: Path, identity: dict, every: int):
         self.directory, self.identity, self.every = directory, identity, every
@@ -62,7 +63,11 @@ class Checkpoints:
         self._register_hooks(accelerator, model)
         if self.saved is None:
             return Progress()
-        accelerator.load_state(str(self.directory / f"step-{self.saved['step']}"))
+        folder = self.directory / f"step-{self.saved['step']}"
+        if not (folder / self.TRAINED).is_file():
+            raise MopError(f"{folder} has no {self.TRAINED} (a state written by an older mop, or damaged); "
+                           f"remove {self.directory} to start the fine-tune over")
+        accelerator.load_state(str(folder))
         progress = Progress(**{k: v for k, v in self.saved.items() if k != "identity"})
         progress.resumed_at.append(progress.step)
         if accelerator.is_main_process:
@@ -83,25 +88,34 @@ class Checkpoints:
                     shutil.rmtree(old)
 
     def _register_hooks(self, accelerator: Accelerator, model: nn.Module) -> None:
-        """Make accelerate's save_state / load_state keep the LoRA weights of `model` (the unwrapped peft model)
-        in place of the whole model. Under FSDP and DeepSpeed accelerate saves the sharded model itself and
-        hands the hooks nothing to replace."""
+        """Make accelerate's save_state / load_state keep the trained parameters of `model` (unwrapped: the peft
+        model, or the model itself) in place of the whole model. Under FSDP and DeepSpeed accelerate saves the
+        sharded model itself and hands the hooks nothing to replace."""
 
         def save(models, weights, folder):
             if weights:
                 weights.clear()
                 if accelerator.is_main_process:
-                    adapters = get_peft_model_state_dict(model, save_embedding_layers=False)
-                    save_file({k: v.contiguous() for k, v in adapters.items()}, Path(folder) / self.ADAPTERS)
+                    trained = {name: p.detach().contiguous() for name, p in trained_parameters(model).items()}
+                    save_file(trained, Path(folder) / self.TRAINED)
 
         def load(models, folder):
             if models:
                 models.clear()
-                adapters = load_file(Path(folder) / self.ADAPTERS, device=str(input_device(model)))
-                set_peft_model_state_dict(model, adapters)
+                saved, trained = load_file(Path(folder) / self.TRAINED), trained_parameters(model)
+                if saved.keys() != trained.keys():
+                    raise MopError(f"{folder} holds the state of other parameters than this model trains")
+                with torch.no_grad():
+                    for name, parameter in trained.items():
+                        parameter.copy_(saved[name])
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of `model` that train (requires_grad), by name; a tied tensor once."""
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
 def state_dir(out: Path) -> Path:

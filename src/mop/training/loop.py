@@ -1,6 +1,6 @@
-"""One LoRA training loop, built on `accelerate`, for the short tuning of MoP candidates and for recovery
-fine-tuning: `accelerate launch` runs it on several processes (DDP) with no code change; on one process it is
-a plain PyTorch loop."""
+"""One training loop, built on `accelerate`, for the short tuning of MoP candidates (LoRA) and for recovery
+fine-tuning (LoRA or every weight): `accelerate launch` runs it on several processes (DDP) with no code change;
+on one process it is a plain PyTorch loop."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def train(model: nn.Module, rows: list[data.Row], settings: LoraSettings, steps:
           loss_fn: LossFn = cross_entropy_sum, accelerator: Accelerator | None = None,
           checkpoints: Checkpoints | None = None, desc: str = "tuning") -> Progress:
     """`steps` AdamW steps of `settings.batch_size` rows each, linear decay to 0, on the trainable
-    parameters of `model` (its LoRA adapters).
+    parameters of `model` (its LoRA adapters, or every weight of its language model).
 
     Step s takes rows `row_order(...)[s·B : (s+1)·B]`; each of the N processes takes a contiguous B/N share
     and runs it in micro-batches, syncing gradients on the last one only. Every micro-batch's loss is its

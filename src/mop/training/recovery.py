@@ -1,6 +1,6 @@
 """Recovery fine-tuning (`mop finetune`): supervised on Alpaca, or distilled from the original model's logits
-on raw text; LoRA adapters merged into a plain checkpoint. A resumable state is saved every `save_every` steps
-in `OUT.finetune-state/`."""
+on raw text; LoRA adapters merged into a plain checkpoint, or every weight of the language model trained
+(`trainable="full"`). A resumable state is saved every `save_every` steps in `OUT.finetune-state/`."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from peft import PeftModel
 
 from mop import data
 from mop.errors import MopError
-from mop.models import load_model, model_adapter, save_checkpoint, saved_weights_sha256
+from mop.models import adapter_for, load_model, model_adapter, save_checkpoint, saved_weights_sha256
 from mop.provenance import command, read_provenance, versions
 from mop.training.checkpoints import Checkpoints, state_dir
 from mop.training.lora import LoraSettings, attach_lora, merge_lora
@@ -25,13 +28,16 @@ from mop.training.losses import LossFn, cross_entropy_sum, distillation_sum
 log = logging.getLogger(__name__)
 
 METHODS = ("sft", "kd")
+TRAINABLE = ("lora", "full")  # what recovery trains: LoRA adapters (merged), or every language-model weight
 MULTIMODAL_LORA = {"rank": 8, "alpha": 16}  # the paper's LoRA for LLaVA-1.5 (its section 4.4)
 
 
 @dataclass
 class FinetuneConfig:
     """Recovery fine-tuning: `sft` learns the responses of Alpaca-format rows; `kd` matches the teacher's
-    next-token distributions on raw text."""
+    next-token distributions on raw text. `trainable` says what trains: `lora` adapters on the decoder's seven
+    projections, merged at the end, or `full`, every weight of the language model (embeddings and lm_head
+    included); `lora` holds the optimizer settings of both (rank, alpha and dropout serve LoRA only)."""
 
     data: str = "alpaca"  # sft rows: a name or an Alpaca-format file
     epochs: float = 2.0
@@ -43,10 +49,13 @@ class FinetuneConfig:
     teacher: str | None = None  # kd: default, the source model named in the checkpoint's mop.json
     kd_data: str = "c4"  # kd: raw text, cut into max_length-token segments (not the perplexity text)
     kd_temperature: float = 1.0
+    trainable: str = "lora"
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise MopError(f"unknown method {self.method}; choose one of {', '.join(METHODS)}")
+        if self.trainable not in TRAINABLE:
+            raise MopError(f"unknown trainable {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
         self.lora.validate()
         for name, value in {"save every": self.save_every, "kd temperature": self.kd_temperature}.items():
             if value <= 0:
@@ -55,8 +64,11 @@ class FinetuneConfig:
             raise MopError("nothing to train: give a positive --epochs or --max-steps")
 
     def identity(self) -> dict:
-        """Everything that decides the weights (how often the state is saved does not)."""
-        return {**{k: v for k, v in asdict(self).items() if k != "save_every"}, "lora": self.lora.identity()}
+        """Everything that decides the weights (how often the state is saved does not). LoRA, the default
+        `trainable`, is left out, so runs made before the option keep their identity."""
+        unset = {"save_every": self.save_every, "trainable": "lora"}
+        return {**{k: v for k, v in asdict(self).items() if not (k in unset and unset[k] == v)},
+                "lora": self.lora.identity()}
 
 
 def recovery_lora(model: str, **settings) -> LoraSettings:
@@ -84,6 +96,28 @@ def text_rows(tokenizer, spec: str, max_length: int) -> tuple[list[data.Row], di
     rows = [(ids, ids) for ids in segments if len(ids) > 1]
     return rows, {"data": spec, "source": data.source(spec), "texts": len(texts), "rows": len(rows),
                   "dropped": len(segments) - len(rows)}
+
+
+def trainable_model(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """`model` ready to train as `config.trainable` says: wrapped in fresh LoRA adapters on the decoder's seven
+    projections (`attach_lora`, base weights frozen), or `model` itself with every parameter of its language model
+    trainable (`DecoderAdapter.language_parameters`) and the rest, a VLM's vision tower and projector, frozen."""
+    if config.trainable == "lora":
+        return attach_lora(model, config.lora, config.seed)
+    language = adapter_for(model).language_parameters(model)
+    model.requires_grad_(False)
+    for parameter in language:
+        parameter.requires_grad_(True)
+    if any(parameter.dtype != torch.float32 for parameter in language):
+        log.warning("full-parameter training in %s: AdamW updates these weights in place, with no float32 copy, "
+                    "so updates below their precision are lost; float32 is advised", language[0].dtype)
+    return model
+
+
+def plain_model(trained: nn.Module) -> nn.Module:
+    """The trained model as a plain checkpoint holds it: LoRA adapters merged (`merge_lora`), fully trained weights
+    as they are."""
+    return merge_lora(trained) if isinstance(trained, PeftModel) else trained
 
 
 def finished_record(out: Path) -> dict | None:
@@ -136,8 +170,9 @@ def _objective(config: FinetuneConfig, loaded, teacher: str | None, provenance: 
 
 
 def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu", dtype: str = "float32") -> dict:
-    """Recovery fine-tuning of `model` with LoRA; the adapters are merged and the result is written to `out`
-    as a plain checkpoint whose mop.json is the source's plus a `finetune` record, which is returned.
+    """Recovery fine-tuning of `model`, with LoRA adapters merged at the end or every language-model weight
+    (`config.trainable`); the result is written to `out` as a plain checkpoint whose mop.json is the source's
+    plus a `finetune` record, which is returned.
 
     Re-running resumes from `OUT.finetune-state/`; a finished `out` of the same settings is left as it is."""
     config.validate()
@@ -159,22 +194,23 @@ def finetune(model: str, out: Path, config: FinetuneConfig, device: str = "cpu",
     lora = config.lora
     rows, loss_fn, sources = _objective(config, loaded, teacher, provenance, where, dtype)
     steps = config.max_steps or math.ceil(config.epochs * len(rows) / lora.batch_size)
-    peft_model = attach_lora(loaded.model, lora, config.seed)
-    progress = train(peft_model, rows, lora, steps, config.seed, loaded.tokenizer.pad_token_id, loss_fn, accelerator,
-                     checkpoints, desc=f"finetune ({config.method})")
-    merged = merge_lora(peft_model)
+    trained = trainable_model(loaded.model, config)
+    progress = train(trained, rows, lora, steps, config.seed, loaded.tokenizer.pad_token_id, loss_fn, accelerator,
+                     checkpoints, desc=f"finetune ({config.method}, {config.trainable})")
+    plain = plain_model(trained)
     record = {
-        "identity": identity, "model": model, "method": config.method, "settings": asdict(config), **sources,
+        "identity": identity, "model": model, "method": config.method, "trainable": config.trainable,
+        "settings": asdict(config), **sources,
         "steps": steps, "epochs": steps * lora.batch_size / len(rows), "processes": accelerator.num_processes,
         "device": device, "dtype": dtype, "losses": progress.losses, "step_seconds": progress.step_seconds,
         "seconds": round(sum(progress.step_seconds), 3), "resumed_at": progress.resumed_at,
-        # per process, the weights_sha256 its merged weights would be saved with: equal entries, bitwise equal
-        # weights; the saved checkpoint's `weights_sha256(out)` is the main process's entry
-        "merged_sha256": gather_object([saved_weights_sha256(merged)]),
+        # per process, the weights_sha256 its final (merged) weights would be saved with: equal entries, bitwise
+        # equal weights; the saved checkpoint's `weights_sha256(out)` is the main process's entry
+        "merged_sha256": gather_object([saved_weights_sha256(plain)]),
         "versions": versions(), "command": command(),
     }
     if accelerator.is_main_process:
-        save_checkpoint(loaded, merged, out, {**provenance, "finetune": record})
+        save_checkpoint(loaded, plain, out, {**provenance, "finetune": record})
         shutil.rmtree(state_dir(out), ignore_errors=True)
     accelerator.wait_for_everyone()
     return record
