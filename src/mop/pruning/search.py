@@ -223,11 +223,10 @@ class Search:
         """Whether the current model reaches `target`."""
         return self.goals.reached(target, count_params(self.model), model_shape(self.model, self.adapter))
 
-    def _plan(self, model: nn.Module, p_layer: int) -> WidthPlan:
-        """The width candidate's plan: p_layer parameters (the paper's matching) or, with speed targets, the depth
-        candidate's predicted latency saving (a layer, its fixed cost included) — in units that cost their
-        predicted seconds."""
-        shape, n_layers = self.adapter.shape(model), len(self.adapter.layers(model))
+    def plan(self, shape: LayerShape, n_layers: int, p_layer: int) -> WidthPlan:
+        """The width candidate's plan on `n_layers` layers of `shape`, from the accumulators: p_layer parameters
+        (the paper's matching) or, with speed targets, the depth candidate's predicted latency saving (a layer,
+        its fixed cost included), in units that cost their predicted seconds."""
         budget, costs = (p_layer, None) if self.latency is None else \
             latency_step(self.latency, self.goals.dense, n_layers)(shape)
         return plan_width(shape, n_layers, budget, self.carry, self.units, self.neuron_carry, costs)
@@ -284,7 +283,7 @@ class Search:
         params_before = count_params(model)
         layer = LAYER_CRITERIA[c.layer_criterion](model, adapter, self.calibration)  # ℓ*
         p_layer = layer_params(layers[layer])  # p_ℓ; c_t = p_ℓ / P(F^(t-1))
-        plan = self._plan(model, p_layer)
+        plan = self.plan(adapter.shape(model), len(layers), p_layer)
         options = [b for b, ok in (("W", c.mode != "depth" and plan.achieved > 0),
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
