@@ -18,7 +18,8 @@ from mop.compare import run_compare
 from mop.errors import MopError
 from mop.latency.model import (QUANTITIES, Coefficients, LatencyModel, ShapeTiming, checkpoint_shape, config_shape,
                                fit_latency_model, synthetic_shapes)
-from mop.models import load_model
+from mop.modelcard import add_results
+from mop.models import load_model, weights_sha256
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.targets import layers_shape
 from test_resume_and_errors import SMALL, iterations_logged, prune_command, run_error
@@ -170,6 +171,26 @@ def test_every_method_writes_a_speed_checkpoint(tiny_dirs, latency_file, tmp_pat
     assert sorted(run["targets"]) == ["speedup-130", "target-20"]
     assert run["targets"]["speedup-130"]["predicted_speedup"] == provenance["predicted_speedup"]
     assert json.loads((out / "target-20" / "mop.json").read_text())["target"] == 0.2
+
+
+def test_a_timed_checkpoint_gets_its_measured_speedup_beside_the_predicted(tiny_dirs, latency_file, tmp_path):
+    """What `mop run` and `mop bench` do after timing a checkpoint (a bench record, here made up): the mop.json of
+    a run with speed targets (every checkpoint has a predicted speedup) gains `measured_speedup`; that of a run
+    without is left as it was."""
+    record = lambda sha: {"models": {"candidate": {"weights_sha256": sha}, "baseline": {"name": "dense"}},
+                          "speedup": {"of": "end_to_end_s", "mean": 1.27, "std": 0.03, "runs": 10},
+                          "device": "cpu", "dtype": "float32", "protocol": "test",
+                          "settings": {"prompt_tokens": 12, "new_tokens": 128}}
+    measured = {"mean": 1.27, "std": 0.03, "device": "cpu", "dtype": "float32"}
+    for speed, expected in ((speed_args(latency_file(), "1.3"), measured), ([], None)):
+        out = tmp_path / f"out-{len(speed)}"
+        assert main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out), "--target", "0.2", *speed,
+                     "--mode", "depth", *SMALL]) == 0
+        for directory in (d for d in out.iterdir() if (d / "mop.json").is_file()):
+            before = json.loads((directory / "mop.json").read_text())
+            add_results(directory, weights_sha256(directory), latency=record(weights_sha256(directory)))
+            after = json.loads((directory / "mop.json").read_text())
+            assert after == (before if expected is None else {**before, "measured_speedup": expected}), directory
 
 
 def test_parameter_targets_are_unchanged(tiny_dirs, tmp_path):

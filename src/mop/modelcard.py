@@ -276,8 +276,8 @@ def add_results(directory: Path, weights_sha256: str, evaluation: dict | None = 
                 latency: dict | None = None) -> None:
     """Rewrite the card of the mop checkpoint in `directory` (whose weights digest is `weights_sha256`) with
     the results of `evaluation` and `latency` that were measured on these weights, replacing earlier results of
-    the same data set and metric. A checkpoint of a speed target (its `mop.json` has a `predicted_speedup`) gets
-    the measured speedup beside it (`measured_speedup`). A directory without `mop.json` (a model mop did not
+    the same data set and metric. A checkpoint of a run with speed targets (its `mop.json` has a
+    `predicted_speedup`) gets the measured speedup beside it (`measured_speedup`). A directory without `mop.json` (a model mop did not
     write) is left alone."""
     if not (directory / "mop.json").is_file():
         return
@@ -287,9 +287,10 @@ def add_results(directory: Path, weights_sha256: str, evaluation: dict | None = 
         new += evaluation_results(evaluation)
     if latency is not None and latency["models"]["candidate"]["weights_sha256"] == weights_sha256:
         new += latency_results(latency)
-        if "predicted_speedup" in provenance:
-            provenance["measured_speedup"] = {**latency["speedup"], "device": latency["device"],
-                                              "dtype": latency["dtype"]}
+        if "predicted_speedup" in provenance and latency["speedup"] is not None:
+            speedup = latency["speedup"]
+            provenance["measured_speedup"] = {"mean": speedup["mean"], "std": speedup["std"],
+                                              "device": latency["device"], "dtype": latency["dtype"]}
             write_json_atomic(directory / "mop.json", provenance)
     if not new:
         return
