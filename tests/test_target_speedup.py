@@ -145,6 +145,10 @@ def test_bad_speed_targets_are_refused_in_one_line_before_any_work(tiny_dirs, la
         SearchConfig(targets=[], speedups=[0.9]).validate()
     with pytest.raises(MopError, match="give at least one --target or --target-speedup"):
         SearchConfig(targets=[]).validate()
+    with pytest.raises(MopError, match="give --target-speedup too"):
+        SearchConfig(targets=[0.2], latency_model=str(latency_file())).validate()
+    with pytest.raises(MopError, match="no such file"):
+        SearchConfig(targets=[], speedups=[1.2], latency_model=str(tmp_path / "missing.json")).validate()
 
 
 def test_a_latency_model_of_another_shape_is_refused(tiny_dirs, latency_file, tmp_path, capsys):
@@ -191,6 +195,24 @@ def test_a_timed_checkpoint_gets_its_measured_speedup_beside_the_predicted(tiny_
             add_results(directory, weights_sha256(directory), latency=record(weights_sha256(directory)))
             after = json.loads((directory / "mop.json").read_text())
             assert after == (before if expected is None else {**before, "measured_speedup": expected}), directory
+
+
+def test_a_resume_predicts_with_the_latency_model_the_run_began_with(tiny_dirs, latency_file, tmp_path,
+                                                                      monkeypatch):
+    """Without --latency-model the run measures one (here faked, counted); run again with a target added, it
+    takes the record in run.json instead of measuring again (a cleared cache or a changed machine alike)."""
+    import mop.pruning.targets
+
+    measured = []
+    fake = LatencyModel.from_record(json.loads(latency_file().read_text()))
+    monkeypatch.setattr(mop.pruning.targets, "measure_latency_model",
+                        lambda config, device, dtype: measured.append((device, dtype)) or fake)
+    out = tmp_path / "out"
+    prune = lambda *speedups: main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out), "--mode", "depth",
+                                    *(a for s in speedups for a in ("--target-speedup", s)), *SMALL])
+    assert prune("1.2") == 0 and measured == [("cpu", "float32")]
+    assert prune("1.2", "1.5") == 0 and len(measured) == 1
+    assert sorted(json.loads((out / "run.json").read_text())["targets"]) == ["speedup-120", "speedup-150"]
 
 
 def test_parameter_targets_are_unchanged(tiny_dirs, tmp_path):

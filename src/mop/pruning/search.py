@@ -74,6 +74,10 @@ class SearchConfig:
 
     def validate(self) -> None:
         validate_targets(self.targets, self.speedups)
+        if self.latency_model is not None and not self.speedups:
+            raise MopError("--latency-model predicts speed targets: give --target-speedup too")
+        if self.latency_model is not None and not Path(self.latency_model).is_file():
+            raise MopError(f"--latency-model {self.latency_model}: no such file")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
@@ -363,7 +367,7 @@ class Search:
             done = round(100 * self.compression(record["params"]), 1)
             bar.update(min(done, bar.total or done) - bar.n)
             bar.set_postfix(path="".join(r["choice"] for r in state.iterations),
-                            **{"speedup": f"{record['predicted_speedup']:.2f}x"} if self.latency else {})
+                            **({"speedup": f"{record['predicted_speedup']:.2f}x"} if self.latency else {}))
         bar.close()
         return state
 
