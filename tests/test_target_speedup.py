@@ -4,10 +4,7 @@ and `mop compare` ranking methods at equal speed. A latency model with known coe
 (`--latency-model`), so nothing is timed."""
 
 import json
-import os
-import signal
 import subprocess
-import time
 from dataclasses import asdict, replace
 
 import pytest
@@ -22,7 +19,8 @@ from mop.modelcard import add_results
 from mop.models import load_model, weights_sha256
 from mop.pruning.search import Search, SearchConfig
 from mop.pruning.targets import layers_shape
-from test_resume_and_errors import SMALL, iterations_logged, prune_command, run_error
+from test_resume_and_errors import (SMALL, assert_same_run, iterations_logged, kill_part_way, prune_command,
+                                    run_error)
 
 # a fixed cost as large as one layer, and widths that cost: one layer out of 6 is predicted 1.15× faster
 COSTS = Coefficients(fixed=0.5, per_layer=0.2, per_query_head=0.03, per_kv_head=0.05, per_neuron=0.002)
@@ -89,24 +87,11 @@ def test_killed_speed_run_stops_at_the_first_step_and_resumes_bitwise(tiny_dirs,
             "--seed", "3"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], whole, *args), check=True, capture_output=True)
-    total = iterations_logged(whole)
-
-    process = subprocess.Popen(prune_command(tiny_dirs["llama-gqa"], resumed, *args), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while iterations_logged(resumed) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 2 <= iterations_logged(resumed) < total, "the run was not interrupted part-way"
+    kill_part_way(prune_command(tiny_dirs["llama-gqa"], resumed, *args), resumed, iterations_logged(whole))
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], resumed, *args), check=True, capture_output=True)
+    assert_same_run(whole, resumed, ["target-20", "speedup-130", "speedup-160"])
 
-    run_whole, run_resumed = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
-    strip = lambda run: [{k: v for k, v in r.items() if k != "seconds"} for r in run["iterations"]]
-    assert strip(run_resumed) == strip(run_whole) and run_resumed["targets"] == run_whole["targets"]
-    for name in ("target-20", "speedup-130", "speedup-160"):
-        for file in sorted(p.name for p in (whole / name).glob("*.safetensors")):
-            assert (resumed / name / file).read_bytes() == (whole / name / file).read_bytes(), (name, file)
-
+    run_whole = json.loads((whole / "run.json").read_text())
     iterations, targets = run_whole["iterations"], run_whole["targets"]
     predictor = LatencyModel.from_record(json.loads(latency.read_text()))
     dense = checkpoint_shape(str(tiny_dirs["llama-gqa"]))
