@@ -30,6 +30,32 @@ def iterations_logged(out: Path) -> int:
         return 0
 
 
+def kill_part_way(command: list[str], out: Path, total: int) -> None:
+    """Run `command`, SIGKILL it once its run.json in `out` logs two iterations, and check that it had not done
+    all `total`."""
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while iterations_logged(out) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 2 <= iterations_logged(out) < total, "the run was not interrupted part-way"
+
+
+def assert_same_run(whole: Path, resumed: Path, names: list[str]) -> None:
+    """The same run.json (but the seconds) and bitwise the same weights in every checkpoint of `names`."""
+    run_whole, run_resumed = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
+    strip = lambda run: [{k: v for k, v in r.items() if k != "seconds"} for r in run["iterations"]]
+    assert strip(run_resumed) == strip(run_whole)  # same path, scores, indices, parameter counts
+    assert run_resumed["targets"] == run_whole["targets"]
+    for name in names:
+        weights = sorted(p.name for p in (whole / name).glob("*.safetensors"))
+        assert weights
+        for file in weights:
+            assert (resumed / name / file).read_bytes() == (whole / name / file).read_bytes(), (name, file)
+    assert not list(resumed.glob("*.partial"))
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -42,28 +68,9 @@ def test_killed_run_resumes_to_bitwise_identical_result(tiny_dirs, tmp_path, rep
             *repair]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], whole, *args), check=True, capture_output=True)
-    total = iterations_logged(whole)
-
-    process = subprocess.Popen(prune_command(tiny_dirs["llama-gqa"], resumed, *args), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while iterations_logged(resumed) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    done_before_kill = iterations_logged(resumed)
-    assert 2 <= done_before_kill < total, "the run was not interrupted part-way"
-
+    kill_part_way(prune_command(tiny_dirs["llama-gqa"], resumed, *args), resumed, iterations_logged(whole))
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], resumed, *args), check=True, capture_output=True)
-    run_whole, run_resumed = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
-    strip = lambda run: [{k: v for k, v in r.items() if k != "seconds"} for r in run["iterations"]]
-    assert strip(run_resumed) == strip(run_whole)  # same path, scores, indices, parameter counts
-    assert run_resumed["targets"] == run_whole["targets"]
-    for name in ("target-20", "target-55"):
-        weights = sorted(p.name for p in (whole / name).glob("*.safetensors"))
-        assert weights
-        for file in weights:
-            assert (resumed / name / file).read_bytes() == (whole / name / file).read_bytes(), (name, file)
-    assert not list(resumed.glob("*.partial"))
+    assert_same_run(whole, resumed, ["target-20", "target-55"])
 
 
 def test_rerunning_a_finished_run_changes_nothing(tiny_dirs, tmp_path):

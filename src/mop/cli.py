@@ -68,6 +68,7 @@ at_least_two = _checked(int, lambda v: v >= 2, "an integer >= 2")
 at_least_three = _checked(int, lambda v: v >= 3, "an integer >= 3")
 positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
 ratio = _checked(float, lambda v: 0 < v < 1, "a ratio in (0, 1)")
+speedup = _checked(float, lambda v: 1 < v < math.inf, "a speedup above 1")
 probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 rng_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
@@ -88,7 +89,7 @@ def device(text: str) -> str:
 # `build_parser` makes them the options' argparse types, so a value out of range fails as it is parsed, in one
 # line, before any model loads; every numeric option must have an entry (tests/test_cli_fuzz.py checks).
 OPTION_VALUES: dict[str, Callable[[str], object]] = {
-    "--device": device, "--seed": rng_seed, "--target": ratio,
+    "--device": device, "--seed": rng_seed, "--target": ratio, "--target-speedup": speedup,
     # mop prune, mop run
     "--calib-samples": positive_int, "--calib-max-length": positive_int, "--batch-size": positive_int,
     "--path-samples": positive_int, "--path-max-length": positive_int, "--ppl-segment-length": at_least_two,
@@ -178,8 +179,14 @@ def register_prune(commands) -> None:
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
     """The options of the MoP search, shared by `mop prune` and `mop run`."""
     recipes.add_recipe_option(parser)
-    parser.add_argument("--target", type=float, action="append", required=True,
+    parser.add_argument("--target", type=float, action="append", default=[],
                         help="compression ratio in (0, 1); repeat for several checkpoints from one search")
+    parser.add_argument("--target-speedup", type=float, action="append", default=[], metavar="S",
+                        help="predicted speedup over the dense model (> 1; checkpoint speedup-XXX), beside or instead "
+                             "of --target; repeatable. Width steps then match the depth step's predicted latency")
+    parser.add_argument("--latency-model", default=None, metavar="FILE",
+                        help="the latency model that predicts speedups (a record as mop.json's latency_model); "
+                             "default: measured on --device and --dtype, cached under $MOP_CACHE_DIR/latency")
     parser.add_argument("--method", default="mop",
                         help="pruning method: mop (the paper's search, see --mode) or a peer (shortgpt, ...)")
     parser.add_argument("--mode", default="mop", choices=MODES, help="mop's mode: the mixture, depth only, width only")
@@ -222,7 +229,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
     from mop.training import LoraSettings
 
     config = SearchConfig(
-        targets=args.target, method=args.method, mode=args.mode, layer_criterion=args.layer_criterion,
+        targets=args.target, speedups=args.target_speedup, latency_model=args.latency_model, method=args.method,
+        mode=args.mode, layer_criterion=args.layer_criterion,
         width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed,
         compression_of=args.compression_of, compensation=args.compensation,
         compensation_ridge=args.compensation_ridge, calib=args.calib,
@@ -621,8 +629,9 @@ def print_summary(state) -> None:
         whole = reached.get("whole_model")  # a VLM: the language model's numbers, then the whole model's
         beside = (f"; whole model {whole['params']:,} parameters, {whole['compression']:.2%} compression"
                   if whole and whole["params"] != reached["params"] else "")
+        speed = f", {reached['predicted_speedup']:.3f}× predicted speedup" if "predicted_speedup" in reached else ""
         console.print(f"{state.directory / name}: {reached['params']:,} parameters, "
-                      f"{reached['compression']:.2%} compression (iteration {reached['iteration']}){beside}")
+                      f"{reached['compression']:.2%} compression{speed} (iteration {reached['iteration']}){beside}")
 
 
 def _check_output_places(args: argparse.Namespace) -> None:

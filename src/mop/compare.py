@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
     "shortgpt": {"method": "shortgpt"},
     "llm-pruner": {"method": "llm-pruner"},
 }
-_METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "seed", "lora"}
+_METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "speedups", "latency_model", "seed", "lora"}
 _RECOVERY_FIELDS = {f.name for f in fields(FinetuneConfig)} - {"seed", "lora"}
 _LORA_FIELDS = {f.name for f in fields(LoraSettings)}
 _FIELDS = _METHOD_FIELDS | {f"lora.{name}" for name in _LORA_FIELDS} \
@@ -111,7 +111,7 @@ def shared_identity(base: PipelineConfig, model: str) -> dict:
 def claim(out: Path, base: PipelineConfig, model: str) -> None:
     """Record the shared settings in OUT/compare.json, or refuse an OUT that holds something else."""
     pipeline.claim_directory(out, "compare.json", shared_identity(base, model), "comparison",
-                             targets=base.search.targets)
+                             targets=base.search.targets, speedups=base.search.speedups)
 
 
 def run_compare(model: str, base: PipelineConfig, methods: dict[str, dict], out: Path) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoConfig, PretrainedConfig
 
+from mop.provenance import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # mop.models.loading.EMBEDDED's models
@@ -285,20 +287,27 @@ def add_results(directory: Path, weights_sha256: str, evaluation: dict | None = 
                 latency: dict | None = None) -> None:
     """Rewrite the card of the mop checkpoint in `directory` (whose weights digest is `weights_sha256`) with
     the results of `evaluation` and `latency` that were measured on these weights, replacing earlier results of
-    the same data set and metric. A directory without `mop.json` (a model mop did not write) is left alone."""
+    the same data set and metric. A checkpoint of a run with speed targets (its `mop.json` has a
+    `predicted_speedup`) gets the measured speedup beside it (`measured_speedup`). A directory without `mop.json` (a model mop did not
+    write) is left alone."""
     if not (directory / "mop.json").is_file():
         return
+    provenance = json.loads((directory / "mop.json").read_text())
     new = []
     if evaluation is not None and evaluation["model"]["weights_sha256"] == weights_sha256:
         new += evaluation_results(evaluation)
     if latency is not None and latency["models"]["candidate"]["weights_sha256"] == weights_sha256:
         new += latency_results(latency)
+        if "predicted_speedup" in provenance and latency["speedup"] is not None:
+            speedup = latency["speedup"]
+            provenance["measured_speedup"] = {"mean": speedup["mean"], "std": speedup["std"],
+                                              "device": latency["device"], "dtype": latency["dtype"]}
+            write_json_atomic(directory / "mop.json", provenance)
     if not new:
         return
     readme = directory / "README.md"
     earlier = (ModelCard.load(readme).data.eval_results or []) if readme.is_file() else []
     keys = {_key(result) for result in new}
     results = [result for result in earlier if _key(result) not in keys] + new
-    provenance = json.loads((directory / "mop.json").read_text())
     _save(card(provenance, AutoConfig.from_pretrained(directory), directory.resolve().name, results), readme)
     log.info("%s: model card updated with %d measured result(s)", readme, len(new))

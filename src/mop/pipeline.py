@@ -3,7 +3,7 @@ recovery fine-tuning, zero-shot evaluation and latency of every checkpoint, then
 
     OUT/pipeline.json                  the settings (a rerun with other settings is refused)
     OUT/dense/eval.json                the original model's evaluation
-    OUT/seed-S/prune/                  the search (run.json, target-XX/ checkpoints)
+    OUT/seed-S/prune/                  the search (run.json, target-XX/ and speedup-XXX/ checkpoints)
     OUT/seed-S/recovered/target-XX/    the recovered checkpoint (plain HF + mop.json)
     OUT/seed-S/{eval,bench}/target-XX.json
     OUT/seed-S/bench/target-XX.vllm.json   the latency and throughput in vLLM (`--bench-vllm`)
@@ -27,7 +27,7 @@ from mop.latency import LatencySettings, benchmark
 from mop.modelcard import add_results
 from mop.models import load_model, weights_sha256
 from mop.pruning import methods
-from mop.pruning.search import SearchConfig, target_name
+from mop.pruning.search import SearchConfig
 from mop.provenance import write_json_atomic
 from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm
 from mop.serving.vllm_check import find_vllm_python
@@ -115,12 +115,12 @@ def claim_directory(out: Path, settings_file: str, identity: dict, what: str, **
 def claim(out: Path, config: PipelineConfig, model: str) -> None:
     """Record the model and settings in OUT/pipeline.json, or refuse an OUT that holds something else."""
     claim_directory(out, "pipeline.json", {"model": model, **config.identity()}, "run", seeds=config.seeds,
-                    targets=config.search.targets)
+                    targets=config.search.targets, speedups=config.search.speedups)
 
 
 def prune(model: str, config: PipelineConfig, seed: int, out: Path) -> dict[str, Path]:
     """One search to every target (skipped when every target's checkpoint exists); target name → checkpoint."""
-    checkpoints = {target_name(t): out / target_name(t) for t in sorted(config.search.targets)}
+    checkpoints = {t.name: out / t.name for t in config.search.every_target}
     if not all((path / "mop.json").is_file() for path in checkpoints.values()):
         log.info("seed %d: MoP search to %s", seed, ", ".join(checkpoints))
         loaded = load_model(model, config.device, config.dtype)
@@ -136,7 +136,8 @@ def check_targets(model: str, runs: dict[Path, PipelineConfig]) -> None:
         if not (out / "pipeline.json").is_file():
             return False
         saved = json.loads((out / "pipeline.json").read_text())
-        return set(config.search.targets) <= set(saved["targets"]) and set(config.seeds) <= set(saved["seeds"])
+        return set(config.search.targets) <= set(saved["targets"]) and set(config.seeds) <= set(saved["seeds"]) \
+            and set(config.search.speedups) <= set(saved.get("speedups", []))
 
     unchecked = {out: config for out, config in runs.items() if not claimed(out, config)}
     if not unchecked:
@@ -186,7 +187,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
         evaluation = lambda name: seed_dir / "eval" / f"{name}.json"
         timing = lambda name: seed_dir / "bench" / f"{name}.json"
         vllm_timing = lambda name: seed_dir / "bench" / f"{name}.vllm.json"
-        pending = [name for name in map(target_name, sorted(config.search.targets))
+        pending = [name for name in (t.name for t in config.search.every_target)
                    if not evaluation(name).is_file() or config.latency and not timing(name).is_file()
                    or config.vllm_latency and not vllm_timing(name).is_file()]
         if not pending:  # every result of this seed is in (its checkpoints may be gone: a fresh machine)

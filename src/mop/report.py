@@ -17,7 +17,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
-from mop.pruning.search import SearchConfig, target_name  # noqa: E402
+from mop.pruning.search import SearchConfig  # noqa: E402
+from mop.pruning.targets import every_target  # noqa: E402
 from mop.provenance import write_json_atomic  # noqa: E402
 
 PATH_COLOURS = {"D": "#c0504d", "W": "#4f81bd"}
@@ -95,6 +96,8 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None, 
         row.update(compression=provenance["compression"], path=provenance["path"],
                    non_embedding_compression=provenance["non_embedding_compression"],
                    recovery_steps=(provenance.get("finetune") or {}).get("steps"))
+        if "predicted_speedup" in provenance:  # a run with speed targets: its latency model's prediction
+            row["predicted_speedup"] = provenance["predicted_speedup"]
     if latency is not None:
         row.update(latency_s=latency["models"]["candidate"]["end_to_end_s"]["mean"],
                    decode_ms_per_token=latency["models"]["candidate"]["decode_ms_per_token"]["mean"],
@@ -112,11 +115,10 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None, 
     return row
 
 
-def collect(out: Path, targets: list[float], seeds: list[int], recovered: bool, dense: Path | None = None) -> dict:
-    """Every finished checkpoint's row, per target name and seed, and the dense model's."""
+def collect(out: Path, names: list[str], seeds: list[int], recovered: bool, dense: Path | None = None) -> dict:
+    """Every finished checkpoint's row, per target name (`Target.name`) and seed, and the dense model's."""
     rows: dict[str, dict[int, dict]] = {}
-    for target in sorted(targets):
-        name = target_name(target)
+    for name in names:
         for seed in seeds:
             seed_dir = out / f"seed-{seed}"
             checkpoint = seed_dir / ("recovered" if recovered else "prune") / name
@@ -155,6 +157,14 @@ def _params_cell(rows: list[dict]) -> str:
     return f"{language:.2f} M" if language == whole else f"{language:.2f} M (whole model {whole:.2f} M)"
 
 
+def _speedup_cell(rows: list[dict]) -> str:
+    """The measured speedup (mean ± std over seeds), and beside it the predicted one of a speed target's run."""
+    measured = _mean_std([r.get("speedup") for r in rows], digits=2) + "×" if any(r.get("speedup") for r in rows) \
+        else "–"
+    predicted = [r["predicted_speedup"] for r in rows if "predicted_speedup" in r]
+    return measured + (f" (predicted {_mean_std(predicted, digits=2)}×)" if predicted else "")
+
+
 def _cells(rows: list[dict], tasks: list[str]) -> list[str]:
     """Table cells of one or more rows of the same checkpoint (mean ± std when several seeds)."""
     get = lambda key: [r.get(key) for r in rows]
@@ -163,8 +173,7 @@ def _cells(rows: list[dict], tasks: list[str]) -> list[str]:
         " ".join(f"`{r['path']}`" for r in rows if r.get("path")) or "–",
         _mean_std(get("perplexity"), digits=2),
         *[_mean_std([r["tasks"].get(t) for r in rows], 100) for t in tasks],
-        _mean_std(get("average"), 100),
-        _mean_std(get("speedup"), digits=2) + "×" if any(r.get("speedup") for r in rows) else "–",
+        _mean_std(get("average"), 100), _speedup_cell(rows),
     ]
 
 
@@ -191,8 +200,7 @@ def _summary_cells(rows: list[dict]) -> list[str]:
     """The terminal table's cells of one checkpoint's rows (one per seed)."""
     get = lambda key: [r.get(key) for r in rows]
     return [_mean_std(get("compression"), 100), " ".join(r["path"] for r in rows if r.get("path")) or "–",
-            _mean_std(get("perplexity"), digits=2), _mean_std(get("average"), 100),
-            _mean_std(get("speedup"), digits=2) + "×" if any(r.get("speedup") for r in rows) else "–"]
+            _mean_std(get("perplexity"), digits=2), _mean_std(get("average"), 100), _speedup_cell(rows)]
 
 
 def markdown(results: dict, model: str, settings: dict) -> str:
@@ -334,7 +342,8 @@ def write_report(out: Path, model: str, config, dense: Path | None = None) -> di
     """Collect every finished stage of the run in `out`, write report.md, results.json and the plots."""
     settings = json.loads(json.dumps(config.identity()))
     settings["latency"] = None if config.latency is None else asdict(config.latency)
-    results = collect(out, config.search.targets, config.seeds, config.recovery is not None, dense)
+    names = [t.name for t in config.search.every_target]
+    results = collect(out, names, config.seeds, config.recovery is not None, dense)
     write_json_atomic(out / "results.json", {"model": model, "seeds": config.seeds, **results})
     write_plots(results, out, method_name(settings["search"]))
     (out / "report.md").write_text(markdown(results, model, settings))
@@ -350,11 +359,13 @@ def _seeds(method_dir: Path) -> list[int]:
 
 def collect_comparison(out: Path) -> dict:
     """Per method label, per target name, per seed: the finished checkpoint's row; and the dense row."""
-    targets = json.loads((out / "compare.json").read_text())["targets"]
+    claimed = json.loads((out / "compare.json").read_text())
+    targets, speedups = claimed["targets"], claimed.get("speedups", [])
+    names = [t.name for t in every_target(targets, speedups)]
     methods, dense = {}, None
     for method_dir in sorted(p for p in out.iterdir() if (p / "pipeline.json").is_file()):
         recovered = json.loads((method_dir / "pipeline.json").read_text())["identity"]["recovery"] is not None
-        rows = collect(method_dir, targets, _seeds(method_dir), recovered, out / "dense" / "eval.json")
+        rows = collect(method_dir, names, _seeds(method_dir), recovered, out / "dense" / "eval.json")
         methods[method_dir.name] = {"settings": json.loads((method_dir / "pipeline.json").read_text())["identity"],
                                     "checkpoints": rows["checkpoints"]}
         dense = rows["dense"]
@@ -362,7 +373,7 @@ def collect_comparison(out: Path) -> dict:
                  for r in per_seed.values() if "latency_s" in r]
     if baselines:  # the dense model as timed beside every method's checkpoints, not one method's only
         dense["latency_s"] = statistics.mean(baselines)
-    return {"targets": targets, "dense": dense, "methods": methods}
+    return {"targets": targets, **({"speedups": speedups} if speedups else {}), "dense": dense, "methods": methods}
 
 
 def _average_stderr(row: dict, evaluation_tasks: list[str]) -> float | None:
@@ -395,28 +406,50 @@ def comparison_markdown(results: dict, model: str, settings: dict, reference: st
                   f"{settings.get('ppl_segments') or settings['eval_limit']} segments of "
                   f"{settings['ppl_segment_length']} tokens.", ""]
     lines += _method_settings(methods, settings)
-    for target in sorted({name for m in methods.values() for name in m["checkpoints"]}):
+    present = {name for m in methods.values() for name in m["checkpoints"]}
+    for target in every_target(results["targets"], results.get("speedups", [])):
+        if target.name not in present:
+            continue
         table = [["dense", "", "0 / 0", f"{dense['params'] / 1e6:.2f} M", _mean_std([dense["perplexity"]], digits=2),
                   *[_mean_std([dense["tasks"].get(t)], 100) for t in tasks], _mean_std([dense["average"]], 100), "",
                   "1.00×"]]
-        for label, method in methods.items():
-            rows = list(method["checkpoints"].get(target, {}).values())
-            if not rows:
-                continue
+        reached = {label: list(method["checkpoints"].get(target.name, {}).values()) for label, method in methods.items()}
+        reached = {label: rows for label, rows in reached.items() if rows}
+        if target.kind == "speedup":  # equal speed: the best quality first
+            reached = dict(sorted(reached.items(), key=lambda item: _quality_rank(item[1])))
+        for label, rows in reached.items():
             compression = (_mean_std([r.get("compression") for r in rows], 100) + " / "
                            + _mean_std([r.get("non_embedding_compression") for r in rows], 100))
             table.append([label, str(len(rows)), compression, f"{statistics.mean(r['params'] for r in rows) / 1e6:.2f} M",
                           _mean_std([r["perplexity"] for r in rows], digits=2),
                           *[_mean_std([r["tasks"].get(t) for r in rows], 100) for t in tasks],
-                          _mean_std([r["average"] for r in rows], 100), _worst(rows),
-                          _mean_std([r.get("speedup") for r in rows], digits=2) + "×" if any(r.get("speedup") for r in rows) else "–"])
-        lines += [f"## {target.removeprefix('target-')}% target", "", *_table(header, table), ""]
-        lines += _differences(methods, target, tasks, reference)
+                          _mean_std([r["average"] for r in rows], 100), _worst(rows), _speedup_cell(rows)])
+        if target.kind == "speedup":
+            lines += [f"## {target.value:.2f}× speedup", "",
+                      f"Every method stopped at its first step predicted at least {target.value:.2f}× as fast as the "
+                      "dense model (its latency model); ranked by average accuracy (by perplexity without accuracy "
+                      "tasks), best first; the speedup column is measured, the prediction beside it.", ""]
+        else:
+            lines += [f"## {target.name.removeprefix('target-')}% target", ""]
+        lines += [*_table(header, table), ""]
+        lines += _differences(methods, target.name, tasks, reference)
+    speed = ["![accuracy vs speedup](accuracy_vs_speedup.png)", "",
+             "![perplexity vs speedup](perplexity_vs_speedup.png)", ""] if results.get("speedups") else []
     lines += ["## Plots", "", "![accuracy vs compression](accuracy_vs_compression.png)", "",
               "![perplexity vs compression](perplexity_vs_compression.png)", "",
-              "![accuracy vs latency](accuracy_vs_latency.png)", "",
+              "![accuracy vs latency](accuracy_vs_latency.png)", "", *speed,
               "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _quality_rank(rows: list[dict]) -> float:
+    """A sort key, lower is better: minus the mean average accuracy, or the mean perplexity without accuracy tasks
+    (a seed without either last)."""
+    if all(r["average"] is not None for r in rows):
+        return -statistics.mean(r["average"] for r in rows)
+    if all(r["perplexity"] is not None for r in rows):
+        return statistics.mean(r["perplexity"] for r in rows)
+    return float("inf")
 
 
 def _worst(rows: list[dict]) -> str:
@@ -498,11 +531,12 @@ def plot_comparison(results: dict, y: str, x: str, x_label: str, x_scale: float,
         entries["dense"] = [(handle, "dense")]
     styles = method_styles(results["methods"])
     for label, method in results["methods"].items():
-        points = []  # in the order of the targets, so that a line follows the method from target to target
-        for _, per_seed in sorted(method["checkpoints"].items()):
+        points = []  # one per checkpoint, in the order of x, so that a line follows the method along the axis
+        for per_seed in method["checkpoints"].values():
             rows = [r for r in per_seed.values() if r.get(x) is not None and value(r) is not None]
             if rows:
                 points.append((statistics.mean(r[x] for r in rows) * x_scale, statistics.mean(value(r) for r in rows)))
+        points.sort()
         if points:
             style = styles[label]
             handle, = axes.plot(*zip(*points), color=style["color"], linestyle=style["linestyle"],
@@ -547,5 +581,9 @@ def write_comparison(out: Path, model: str) -> dict:
                     out / "perplexity_vs_compression.png")
     plot_comparison(results, "average", "latency_s", "end-to-end latency (s, 128 tokens)", 1,
                     out / "accuracy_vs_latency.png")
+    if results.get("speedups"):  # quality at equal speed
+        for y, name in (("average", "accuracy"), ("perplexity", "perplexity")):
+            plot_comparison(results, y, "speedup", "measured speedup over the dense model (×)", 1,
+                            out / f"{name}_vs_speedup.png")
     (out / "report.md").write_text(comparison_markdown(results, model, settings))
     return results

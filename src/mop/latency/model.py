@@ -182,6 +182,10 @@ class LatencyModel:
                 "coefficients": {q: asdict(c) for q, c in self.coefficients.items()},
                 "max_abs_relative_error": worst, "fit": fit}
 
+    def digest(self) -> str:
+        """A short digest of `record()`: what a run's identity holds of its latency model."""
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+
     @classmethod
     def from_record(cls, record: dict) -> LatencyModel:
         return cls({q: Coefficients(**c) for q, c in record["coefficients"].items()},

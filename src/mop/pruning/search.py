@@ -1,11 +1,13 @@
 """The MoP search (Algorithm 1 of the paper): at every iteration build a depth candidate (one layer removed)
-and a width candidate (the same number of parameters removed uniformly by AMP), let the path criterion pick
-one, and repeat until every target compression is reached; a checkpoint is written at each target."""
+and a width candidate (the same number of parameters removed uniformly by AMP — or, with speed targets, the same
+predicted latency), let the path criterion pick one, and repeat until every target (a compression, or a
+predicted speedup) is reached; a checkpoint is written at each target."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +23,15 @@ from mop.errors import MopError
 from mop.provenance import command, versions
 from mop.models import (LoadedModel, count_all_params, count_params, embedding_params, layer_params,
                         release_freed_memory, save_checkpoint)
+from mop.latency.model import LatencyModel, ModelShape, model_shape
 from mop.models.adapters import LayerShape
-from mop.pruning.state import RunState, target_name
+from mop.pruning.state import RunState, target_name  # noqa: F401 (where callers find it)
 from mop.pruning.surgery import masked_width, remove_layer, structural_copy
+from mop.pruning.targets import (Goals, Target, every_target, latency_identity, layers_shape, run_latency_model,
+                                 validate_targets)
 from mop.training import LoraSettings, lora_attached, train
-from mop.pruning.width import Alignment, WidthPlan, WidthUnits, lowest_units, plan_width, width_floor
+from mop.pruning.width import (Alignment, StepCosts, UnitCosts, WidthPlan, WidthUnits, lowest_units, narrowest,
+                               plan_width, width_floor)
 
 log = logging.getLogger(__name__)
 MODES = ("mop", "depth", "width")
@@ -39,7 +45,9 @@ DATA_SEED = 0
 
 @dataclass
 class SearchConfig:
-    targets: list[float]
+    targets: list[float]  # compression ratios
+    speedups: list[float] = field(default_factory=list)  # predicted speedups over the dense model
+    latency_model: str | None = None  # a latency model record (JSON); None: measured on the run's device, cached
     method: str = "mop"  # a name in mop.pruning.methods.PRUNING_METHODS; the fields below are its settings
     mode: str = "mop"
     layer_criterion: str = "third_to_last"
@@ -65,15 +73,11 @@ class SearchConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
-        for target in self.targets:
-            if not 0 < target < 1:
-                raise MopError(f"target {target} is outside (0, 1)")
-        if not self.targets:
-            raise MopError("give at least one --target")
-        names = [target_name(t) for t in set(self.targets)]
-        if clash := sorted({name for name in names if names.count(name) > 1}):
-            raise MopError(f"targets {', '.join(map(str, sorted(set(self.targets))))} share a checkpoint directory "
-                           f"({', '.join(clash)}): give targets that differ in whole percents")
+        validate_targets(self.targets, self.speedups)
+        if self.latency_model is not None and not self.speedups:
+            raise MopError("--latency-model predicts speed targets: give --target-speedup too")
+        if self.latency_model is not None and not Path(self.latency_model).is_file():
+            raise MopError(f"--latency-model {self.latency_model}: no such file")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
@@ -88,6 +92,11 @@ class SearchConfig:
         self.lora.validate()
 
     @property
+    def every_target(self) -> list[Target]:
+        """The compression targets, then the speed targets, each ascending."""
+        return every_target(self.targets, self.speedups)
+
+    @property
     def alignment(self) -> Alignment:
         return Alignment(self.tensor_parallel, self.mlp_multiple)
 
@@ -96,38 +105,40 @@ class SearchConfig:
         return CompensationSettings(self.compensation, self.compensation_ridge)
 
     def identity(self) -> dict:
-        """Everything that decides the path; the targets only decide where it stops. An alignment of 1 (none)
-        and no compensation are left out: such runs are the runs made before the options existed, and stay
-        theirs."""
+        """Everything that decides the path; the targets only decide where it stops, except that speed targets
+        match the width steps in latency (`step_matching`; the latency model itself is in the run's identity).
+        An alignment of 1 (none) and no compensation are left out: such runs are the runs made before the options
+        existed, and stay theirs."""
         unset = {"tensor_parallel": 1, "mlp_multiple": 1}
         if self.compensation == "none":
             unset.update(compensation="none", compensation_ridge=self.compensation_ridge)
-        return {k: v for k, v in asdict(self).items() if k != "targets" and not (k in unset and unset[k] == v)} \
-            | {"lora": self.lora.identity()}
+        targets = ("targets", "speedups", "latency_model")
+        matching = {"step_matching": "latency"} if self.speedups else {}
+        return {k: v for k, v in asdict(self).items() if k not in targets and not (k in unset and unset[k] == v)} \
+            | matching | {"lora": self.lora.identity()}
 
 
 MEASURES = {"all": "of all parameters", "body": "of non-embedding parameters"}  # what --compression-of targets
 
 
-def goal_params(target: float, original: int, uncounted: int) -> float:
-    """The parameter count at or below which `target` is reached: `uncounted` parameters (0, or the embeddings
-    when targets are of the body) are left out of the compression."""
-    return uncounted + (1 - target) * (original - uncounted)
-
-
-def check_reachable(loaded: LoadedModel, config: SearchConfig) -> None:
-    """Refuse targets that `config.mode` cannot reach on this model (see `fewest_params`); no work is done."""
+def check_reachable(loaded: LoadedModel, config: SearchConfig, latency: LatencyModel | None) -> None:
+    """Refuse targets that `config.mode` cannot reach on this model (see `fewest_params` and `smallest_shape`);
+    no work is done."""
     model, adapter = loaded.model, loaded.adapter
     shape, layers = adapter.shape(model), adapter.layers(model)
-    original = count_params(model)
-    uncounted = embedding_params(model) if config.compression_of == "body" else 0
+    goals = Goals(loaded, config.compression_of, latency)
+    original, uncounted = goals.original_params, goals.uncounted
     units = config.alignment.units(shape, adapter.kv_head_counts(model))
     floor = fewest_params(config.mode, shape, len(layers), layer_params(layers[0]), original, units)
     for target in config.targets:
-        if floor > goal_params(target, original, uncounted):
+        if floor > goals.goal(target):
             raise MopError(f"target {target} cannot be reached in mode {config.mode}: at most "
                            f"{1 - (floor - uncounted) / (original - uncounted):.4f} "
                            f"({MEASURES[config.compression_of]})")
+    if latency is not None:
+        smallest = smallest_shape(config.mode, goals.dense, shape, lambda n: latency_step(latency, goals.dense, n),
+                                  units)
+        goals.check_speedups(config.speedups, smallest, f"mode {config.mode}")
 
 
 class Search:
@@ -143,8 +154,11 @@ class Search:
         shape = self.adapter.shape(self.model)
         config.alignment.check(shape, loaded.name)
         self.units = config.alignment.units(shape, self.adapter.kv_head_counts(self.model))  # what a width step leaves
-        self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity()}
-        check_reachable(loaded, config)
+        self.latency = run_latency_model(loaded, config.speedups, config.latency_model, out)  # None: no speed target
+        self.goals = Goals(loaded, config.compression_of, self.latency)
+        self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity(),
+                         **latency_identity(self.latency)}
+        check_reachable(loaded, config, self.latency)
         RunState.check(out, self.identity)  # fail before any long work if --out holds another run
         self.calibration = self._calibration()
         self.tune_rows = self._tune_rows() if self._scores_candidates else []
@@ -200,18 +214,26 @@ class Search:
 
     # ------------------------------------------------------------ compression
 
-    @property
-    def _uncounted(self) -> int:
-        """Parameters that the targets' compression leaves out: none, or the embeddings (body)."""
-        return self.embedding_params if self.config.compression_of == "body" else 0
-
     def compression(self, params: int) -> float:
         """The compression targets are measured in: 1 − P/P0, over all or over non-embedding parameters."""
-        return 1 - (params - self._uncounted) / (self.original_params - self._uncounted)
+        uncounted = self.goals.uncounted
+        return 1 - (params - uncounted) / (self.original_params - uncounted)
 
     def goal(self, target: float) -> float:
-        """The parameter count at or below which `target` is reached."""
-        return goal_params(target, self.original_params, self._uncounted)
+        """The parameter count at or below which a compression `target` is reached."""
+        return self.goals.goal(target)
+
+    def reached(self, target: Target) -> bool:
+        """Whether the current model reaches `target`."""
+        return self.goals.reached(target, count_params(self.model), model_shape(self.model, self.adapter))
+
+    def plan(self, shape: LayerShape, n_layers: int, p_layer: int) -> WidthPlan:
+        """The width candidate's plan on `n_layers` layers of `shape`, from the accumulators: p_layer parameters
+        (the paper's matching) or, with speed targets, the depth candidate's predicted latency saving (a layer,
+        its fixed cost included), in units that cost their predicted seconds."""
+        budget, costs = (p_layer, None) if self.latency is None else \
+            latency_step(self.latency, self.goals.dense, n_layers)(shape)
+        return plan_width(shape, n_layers, budget, self.carry, self.units, self.neuron_carry, costs)
 
     # ------------------------------------------------------------ one iteration
 
@@ -265,15 +287,16 @@ class Search:
         params_before = count_params(model)
         layer = LAYER_CRITERIA[c.layer_criterion](model, adapter, self.calibration)  # ℓ*
         p_layer = layer_params(layers[layer])  # p_ℓ; c_t = p_ℓ / P(F^(t-1))
-        plan = plan_width(adapter.shape(model), len(layers), p_layer, self.carry, self.units, self.neuron_carry)
+        plan = self.plan(adapter.shape(model), len(layers), p_layer)
         options = [b for b, ok in (("W", c.mode != "depth" and plan.achieved > 0),
                                    ("D", c.mode != "width" and len(layers) > 2)) if ok]
         if not options:
             raise MopError(f"iteration {iteration}: neither a width nor a depth step can remove parameters")
-        if len(options) == 2 and not 0.9 <= plan.achieved / p_layer <= 1.1:  # `plan_width` came as near as it could
-            log.warning("iteration %d: the width candidate removes %.2f× the depth candidate's %d parameters (KV "
-                        "groups too coarse for what the MLP cannot take): the path compares unequal candidates",
-                        iteration, plan.achieved / p_layer, p_layer)
+        if len(options) == 2 and not 0.9 <= plan.achieved / plan.planned <= 1.1:  # `plan_width` came as near as it could
+            log.warning("iteration %d: the width candidate removes %.2f× the depth candidate's %s (KV groups too "
+                        "coarse for what the MLP cannot take): the path compares unequal candidates", iteration,
+                        plan.achieved / plan.planned, f"{p_layer} parameters" if self.latency is None else
+                        f"{plan.planned:.3g} s of predicted latency")
         scores, removed, repairs = None, None, {}
         if len(options) == 1:  # the mode allows one branch, or the other one can remove nothing
             choice, decided_by = options[0], (c.mode if c.mode != "mop" else "forced")
@@ -299,6 +322,7 @@ class Search:
             "scores": scores, "params_before": params_before, "params": params,
             "compression": 1 - params / self.original_params, "seconds": round(time.perf_counter() - started, 3),
             "removed": removed if choice == "W" else {"layer": layer},
+            **self.goals.record(model_shape(model, adapter)),
         }
         if compensation is not None:
             record["compensation"] = compensation
@@ -322,25 +346,28 @@ class Search:
         header = {"source": {"name": self.loaded.name, "sha256": self.loaded.weights_sha256,
                              "architecture": type(self.model).__name__},
                   "original_params": self.original_params,
-                  "original_embedding_params": self.embedding_params, "versions": versions()}
+                  "original_embedding_params": self.embedding_params, "versions": versions(),
+                  **({} if self.latency is None else {"latency_model": self.latency.record()})}
         state = RunState.open(self.out, self.identity, header)
         for iteration, record in enumerate(state.iterations, 1):
             self.replay(record)
             self._save_reached(state, iteration)  # a target added since, or one a kill left unwritten
-        goal = self.goal(max(self.config.targets))
-        bar = tqdm(total=round(100 * max(self.config.targets), 1),
+        targets = self.config.every_target
+        bar = tqdm(total=round(100 * max(self.config.targets, default=0), 1) or None,
                    desc=f"MoP search (% compression {MEASURES[self.config.compression_of]})",
                    unit="%")
         bar.update(round(100 * self.compression(count_params(self.model)), 1))
-        while count_params(self.model) > goal:
+        while not all(self.reached(target) for target in targets):
             iteration = len(state.iterations) + 1
             record = self.step(self.model, iteration)
             release_freed_memory()  # the iteration's temporaries: the next one starts from the model alone
             state.iterations.append(record)
             state.save()  # the iteration before its checkpoints: a kill from here on replays it, then writes them
             self._save_reached(state, iteration)
-            bar.update(min(round(100 * self.compression(record["params"]), 1) - bar.n, bar.total - bar.n))
-            bar.set_postfix(path="".join(r["choice"] for r in state.iterations))
+            done = round(100 * self.compression(record["params"]), 1)
+            bar.update(min(done, bar.total or done) - bar.n)
+            bar.set_postfix(path="".join(r["choice"] for r in state.iterations),
+                            **({"speedup": f"{record['predicted_speedup']:.2f}x"} if self.latency else {}))
         bar.close()
         return state
 
@@ -349,15 +376,15 @@ class Search:
         yet. Called after every iteration in order, replayed ones included, so each target is taken at the
         first iteration that reaches it, whenever it was added; `run.json` lists it once it is complete."""
         params = count_params(self.model)
-        for target in sorted(self.config.targets):
-            name = target_name(target)
-            if name in state.targets or params > self.goal(target):
+        for target in self.config.every_target:
+            if target.name in state.targets or not self.reached(target):
                 continue
-            save_checkpoint(self.loaded, self.model, self.out / name, self.provenance(state, target, iteration))
-            state.targets[name] = {"target": target, "iteration": iteration, "params": params,
-                                   "compression": 1 - params / self.original_params,
-                                   "non_embedding_compression": self._non_embedding_compression(params),
-                                   "whole_model": self._whole_model(params)}
+            save_checkpoint(self.loaded, self.model, self.out / target.name, self.provenance(state, target, iteration))
+            state.targets[target.name] = {**target.record(), "iteration": iteration, "params": params,
+                                          "compression": 1 - params / self.original_params,
+                                          "non_embedding_compression": self._non_embedding_compression(params),
+                                          "whole_model": self._whole_model(params),
+                                          **self.goals.record(model_shape(self.model, self.adapter))}
             state.save()
 
     def _whole_model(self, params: int) -> dict:
@@ -370,14 +397,14 @@ class Search:
     def _non_embedding_compression(self, params: int) -> float:
         return 1 - (params - self.embedding_params) / (self.original_params - self.embedding_params)
 
-    def provenance(self, state: RunState, target: float, iteration: int) -> dict:
+    def provenance(self, state: RunState, target: Target, iteration: int) -> dict:
         """mop.json of the checkpoint of `target`, reached by the current model at `iteration`."""
         params = count_params(self.model)
         iterations = state.iterations[:iteration]
         return {
             # the libraries of the session that writes this checkpoint, beside those of the one that began the run
             **state.header, "versions": versions(), "run_versions": state.header["versions"],
-            "target": target, "compression_of": self.config.compression_of,
+            **target.record(), "compression_of": self.config.compression_of,
             "reached_at_iteration": iteration, "mode": self.config.mode,
             "criteria": {"layer": self.config.layer_criterion, "width": self.config.width_criterion,
                          "path": self.config.path_criterion},
@@ -385,6 +412,7 @@ class Search:
             "params": params, "compression": 1 - params / self.original_params,
             "non_embedding_compression": self._non_embedding_compression(params),
             "whole_model": self._whole_model(params),
+            **self.goals.record(model_shape(self.model, self.adapter)),
             "config": self.config.identity(),
             "iterations": [{k: v for k, v in r.items() if k not in ("removed", "compensation")} for r in iterations],
             "command": command(),
@@ -409,6 +437,28 @@ def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total
     if mode == "width":
         return rest + n_layers * width_floor(shape, n_layers, fixed, units)
     return rest + kept * width_floor(shape, kept, fixed, units)
+
+
+def latency_step(latency: LatencyModel, dense: ModelShape, n_layers: int) -> StepCosts:
+    """A width step matched in latency on `n_layers` layers: its budget is the depth step's predicted saving (one
+    layer of the current widths, its fixed cost included), its units cost their predicted seconds."""
+    def step(shape: LayerShape) -> tuple[float, UnitCosts]:
+        unit = latency.unit_latency(layers_shape(dense, shape, n_layers))
+        return unit.layer, UnitCosts.of_latency(unit, shape, n_layers)
+
+    return step
+
+
+def smallest_shape(mode: str, dense: ModelShape, shape: LayerShape, step: Callable[[int], StepCosts],
+                   units: WidthUnits = WidthUnits()) -> ModelShape:
+    """The smallest model a search in `mode` reaches from `dense` (layers of `shape`), as `fewest_params` counts
+    it: two layers (depth), every layer as narrow as width steps of `step(n_layers)` leave it (width), or two
+    layers that narrow (the mixture)."""
+    kept = min(2, dense.layers)
+    if mode == "depth":
+        return layers_shape(dense, shape, kept)
+    n_layers = dense.layers if mode == "width" else kept
+    return layers_shape(dense, narrowest(shape, n_layers, step(n_layers), units), n_layers)
 
 
 def texts_or_samples(loaded: LoadedModel, spec: str, n: int, length: int) -> list[str]:

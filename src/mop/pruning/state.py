@@ -19,6 +19,7 @@ from mop.provenance import write_json_atomic
 
 RUN_FILE = "run.json"
 PARTIAL = ".partial"  # suffix of what is being written (mop.models.save_checkpoint, write_json_atomic)
+CHECKPOINT_PREFIXES = ("target-", "speedup-")  # a compression target's checkpoint, a speed target's
 
 
 def target_name(target: float) -> str:
@@ -32,7 +33,7 @@ class RunState:
     identity: dict  # everything that decides the path (not the targets)
     header: dict  # source model, original parameter count, versions
     iterations: list[dict] = field(default_factory=list)
-    targets: dict[str, dict] = field(default_factory=dict)  # "target-20" -> where it was reached
+    targets: dict[str, dict] = field(default_factory=dict)  # "target-20", "speedup-130" -> where it was reached
 
     @property
     def path(self) -> Path:
@@ -76,7 +77,7 @@ class RunState:
         self.targets = {name: reached for name, reached in self.targets.items()
                         if (self.directory / name / "mop.json").is_file()}
         for entry in self.directory.iterdir():
-            unlisted = entry.name.startswith("target-") and entry.name not in self.targets
+            unlisted = entry.name.startswith(CHECKPOINT_PREFIXES) and entry.name not in self.targets
             if entry.name.endswith(PARTIAL) or unlisted:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 

@@ -1,4 +1,6 @@
-"""The width step: how many KV groups and MLP neurons each layer loses to remove p_ℓ parameters, and which.
+"""The width step: how many KV groups and MLP neurons each layer loses to remove a budget, and which. The budget
+is p_ℓ parameters (the paper's matching), or, with speed targets, the depth step's predicted latency saving
+(`UnitCosts` says what one unit costs in the budget's units).
 
 Attention units are coarse (one KV group in every layer can cost more than a whole layer), so the attention
 share of each step is accumulated across width steps in units of groups per layer and spent only as whole
@@ -10,11 +12,13 @@ biases: its head count must keep dividing hidden_size), a step spends the most d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from mop.errors import MopError
+from mop.latency.model import UnitLatency
 from mop.models.adapters import LayerShape
 from mop.pruning.criteria import UnitScores
 
@@ -72,11 +76,35 @@ class Alignment:
 
 
 @dataclass(frozen=True)
+class UnitCosts:
+    """What one width unit of one layer costs, in the units of a step's budget (parameters or predicted seconds)."""
+
+    group: float  # one KV group with its n_rep query heads
+    neuron: float  # one MLP neuron
+    attention_share: float  # attention's share of what a layer's widths cost
+
+    @classmethod
+    def of_params(cls, shape: LayerShape) -> UnitCosts:
+        """The paper's matching: units cost their parameters."""
+        return cls(shape.group_params, shape.neuron_params,
+                   shape.attention_params / (shape.attention_params + shape.mlp_params))
+
+    @classmethod
+    def of_latency(cls, unit: UnitLatency, shape: LayerShape, layers: int) -> UnitCosts:
+        """Units cost their predicted seconds (`LatencyModel.unit_latency`, whose unit is a row: one unit out of
+        every layer). A unit predicted free is given a billionth of a layer's seconds, so the plan stays finite."""
+        least = 1e-9 * (unit.layer or 1.0)
+        group, neuron = max(unit.kv_group, least) / layers, max(unit.neuron, least) / layers
+        attention, mlp = group * shape.kv_heads, neuron * shape.intermediate
+        return cls(group, neuron, attention / (attention + mlp))
+
+
+@dataclass(frozen=True)
 class WidthPlan:
     groups_per_layer: int  # KV groups removed from every layer
     neurons_per_layer: int  # MLP neurons removed from every layer
-    planned: int  # parameters asked for (p_ℓ)
-    achieved: int  # parameters this plan removes
+    planned: float  # the budget asked for (p_ℓ parameters, or seconds when matched in latency)
+    achieved: float  # what this plan removes, in the budget's units
     carry_in: float  # attention accumulator before the step (groups per layer)
     carry_out: float  # accumulator after the step, if this candidate is chosen
     neuron_carry_in: float = 0.0  # MLP accumulator (neurons per layer), carried only with neuron blocks > 1
@@ -91,20 +119,21 @@ class WidthPlan:
                        intermediate=shape.intermediate - self.neurons_per_layer)
 
 
-def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float, units: WidthUnits = WidthUnits(),
-               neuron_carry: float = 0.0) -> WidthPlan:
-    """Split `budget` parameters between attention and MLP in proportion to their share of a layer, in the
-    `units` a layer may be left with; where the MLP, down to one neuron (block), cannot take its part, attention
-    takes more groups, as many as bring the step nearest to `budget`. `carry` and `neuron_carry`: what earlier
-    width steps left due (groups and neurons per layer; a step that took more groups than due leaves a debt)."""
-    attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
-    row_cost = shape.group_params * n_layers  # one group out of every layer
-    due = carry + budget * attention_share / row_cost
+def plan_width(shape: LayerShape, n_layers: int, budget: float, carry: float, units: WidthUnits = WidthUnits(),
+               neuron_carry: float = 0.0, costs: UnitCosts | None = None) -> WidthPlan:
+    """Split `budget` between attention and MLP in proportion to their share of a layer, in the `units` a layer
+    may be left with; where the MLP, down to one neuron (block), cannot take its part, attention takes more
+    groups, as many as bring the step nearest to `budget`. `carry` and `neuron_carry`: what earlier width steps
+    left due (groups and neurons per layer; a step that took more groups than due leaves a debt). `costs`: what
+    a unit costs in the budget's units (default: its parameters)."""
+    costs = costs or UnitCosts.of_params(shape)
+    row_cost = costs.group * n_layers  # one group out of every layer
+    due = carry + budget * costs.attention_share / row_cost
     most = max(0, min(math.floor(due), shape.kv_heads - 1, budget // row_cost))
     allowed = [g for g in range(shape.kv_heads)
                if g == 0 or units.kv_counts is None or shape.kv_heads - g in units.kv_counts]
     groups = max(g for g in allowed if g <= most)
-    neuron_row = shape.neuron_params * n_layers
+    neuron_row = costs.neuron * n_layers
     block, cap = units.neuron_block, shape.intermediate - units.neuron_block
 
     def mlp(groups: int) -> tuple[float, int]:
@@ -125,17 +154,27 @@ def plan_width(shape: LayerShape, n_layers: int, budget: int, carry: float, unit
                      neuron_carry, wanted - neurons if block > 1 else 0.0)
 
 
-def width_floor(shape: LayerShape, n_layers: int, fixed: int, units: WidthUnits = WidthUnits()) -> int:
-    """Parameters of one layer when width steps alone can remove nothing more: the planner's own sequence of
-    shapes, simulated from `shape` (no weights), each step's budget being one layer (`fixed`, the parameters
-    no width step removes — norms, o_proj and down_proj biases — plus attention and MLP)."""
+StepCosts = Callable[[LayerShape], tuple[float, UnitCosts | None]]  # a width step's budget and unit costs
+
+
+def narrowest(shape: LayerShape, n_layers: int, step: StepCosts, units: WidthUnits = WidthUnits()) -> LayerShape:
+    """The layer shape at which width steps alone can remove nothing more: the planner's own sequence of shapes,
+    simulated from `shape` (no weights), each step's budget and costs being `step(shape)`."""
     carry = neuron_carry = 0.0
     while True:
-        layer = fixed + shape.attention_params + shape.mlp_params
-        plan = plan_width(shape, n_layers, layer, carry, units, neuron_carry)
+        budget, costs = step(shape)
+        plan = plan_width(shape, n_layers, budget, carry, units, neuron_carry, costs)
         if plan.achieved == 0:
-            return layer
+            return shape
         shape, carry, neuron_carry = plan.shape_after(shape), plan.carry_out, plan.neuron_carry_out
+
+
+def width_floor(shape: LayerShape, n_layers: int, fixed: int, units: WidthUnits = WidthUnits()) -> int:
+    """Parameters of one layer when width steps matched in parameters can remove nothing more (`narrowest`),
+    each step's budget being one layer (`fixed`, the parameters no width step removes — norms, o_proj and
+    down_proj biases — plus attention and MLP)."""
+    layer = lambda s: fixed + s.attention_params + s.mlp_params
+    return layer(narrowest(shape, n_layers, lambda s: (layer(s), None), units))
 
 
 def lowest_units(scores: list[UnitScores], plan: WidthPlan) -> tuple[list[list[int]], list[list[int]]]:

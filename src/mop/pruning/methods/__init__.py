@@ -1,6 +1,7 @@
 """Pruning methods behind one registry. A method takes a loaded model, the run's settings (`SearchConfig`:
 targets, seed, calibration data, ...) and an output directory, and writes one plain checkpoint with `mop.json`
-per target (`OUT/target-XX/`) plus `OUT/run.json`; run again on the same directory, it resumes or does nothing.
+per target (`OUT/target-XX/`, or `OUT/speedup-XXX/` for a speed target) plus `OUT/run.json`; run again on the
+same directory, it resumes or does nothing.
 
 `mop` is the paper's search (in the modes `mop`, `depth`, `width`); the peers are one module each. Register a
 new method with the `pruning_method` decorator and name it with `--method`; give it a `check` (raise `MopError`,
@@ -18,6 +19,7 @@ from mop.pruning.methods.llm_pruner import LLMPruner
 from mop.pruning.methods.shortgpt import ShortGPT
 from mop.pruning.search import Search, SearchConfig, check_reachable
 from mop.pruning.state import RunState
+from mop.pruning.targets import run_latency_model
 
 PruneFn = Callable[[LoadedModel, SearchConfig, Path], RunState]
 CheckFn = Callable[[LoadedModel, SearchConfig, Path], None]  # raises MopError for a target or OUT it cannot take
@@ -35,7 +37,11 @@ def pruning_method(name: str, check: CheckFn | None = None):
     return register
 
 
-@pruning_method("mop", check=lambda loaded, config, out: check_reachable(loaded, config))
+def _check_search(loaded: LoadedModel, config: SearchConfig, out: Path) -> None:
+    check_reachable(loaded, config, run_latency_model(loaded, config.speedups, config.latency_model, out))
+
+
+@pruning_method("mop", check=_check_search)
 def mixture_of_pruners(loaded: LoadedModel, config: SearchConfig, out: Path) -> RunState:
     """The MoP search (Algorithm 1) in `config.mode`: the mixture, or its depth-only / width-only extremes."""
     return Search(loaded, config, out).run()

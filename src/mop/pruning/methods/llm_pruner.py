@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -26,11 +27,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mop.data import Batch
+from mop.latency.model import ModelShape
 from mop.models import DecoderAdapter, LayerShape, count_params, input_device
 from mop.pruning.criteria import UnitScores
 from mop.pruning.methods.oneshot import OneShotPruner
 from mop.pruning.state import RunState
-from mop.pruning.width import WidthPlan, WidthUnits, lowest_units
+from mop.pruning.targets import Target, layers_shape
+from mop.pruning.width import UnitCosts, WidthPlan, WidthUnits, lowest_units
 
 
 @contextmanager
@@ -108,13 +111,16 @@ def taylor_importance(model: nn.Module, adapter: DecoderAdapter, batches: list[B
     return scores
 
 
-def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnits = WidthUnits()) -> WidthPlan:
-    """The KV groups and neurons every layer loses so that at least `budget` parameters go in all: attention
+def uniform_plan(shape: LayerShape, n_layers: int, budget: float, units: WidthUnits = WidthUnits(),
+                 costs: UnitCosts | None = None) -> WidthPlan:
+    """The KV groups and neurons every layer loses so that at least `budget` goes in all (parameters, or what
+    `costs` says a unit costs: predicted seconds for a speed target): attention
     takes its share of the layer, as the nearest allowed number of groups (a count in `units.kv_counts`, at
     least one group kept) that fits a layer's part of the budget; the MLP takes the rest, rounded up to whole
     blocks of `units.neuron_block` neurons. Only if the MLP cannot take the rest (it keeps one block) does
     attention take the fewest allowed groups more that let it; when none does, the plan falls short (the run
     refuses such a target, see `OneShotPruner.run`)."""
+    costs = costs or UnitCosts.of_params(shape)
     per_layer = budget / n_layers
     block, cap = units.neuron_block, shape.intermediate - units.neuron_block
     allowed = [g for g in range(shape.kv_heads)
@@ -122,15 +128,14 @@ def uniform_plan(shape: LayerShape, n_layers: int, budget: int, units: WidthUnit
 
     def mlp_rest(groups: int) -> int:
         """Neurons (whole blocks) that take at least a layer's budget beside `groups` KV groups."""
-        return block * math.ceil((per_layer - groups * shape.group_params) / shape.neuron_params / block)
+        return block * math.ceil((per_layer - groups * costs.group) / costs.neuron / block)
 
-    attention_share = shape.attention_params / (shape.attention_params + shape.mlp_params)
-    planned = min(round(per_layer * attention_share / shape.group_params), int(per_layer // shape.group_params))
+    planned = min(round(per_layer * costs.attention_share / costs.group), int(per_layer // costs.group))
     groups = max(g for g in allowed if g <= planned)
     if mlp_rest(groups) > cap:
         groups = next((g for g in allowed if g > groups and mlp_rest(g) <= cap), allowed[-1])
     neurons = max(0, min(mlp_rest(groups), cap))
-    achieved = n_layers * (groups * shape.group_params + neurons * shape.neuron_params)
+    achieved = n_layers * (groups * costs.group + neurons * costs.neuron)
     return WidthPlan(groups, neurons, budget, achieved, carry_in=0.0, carry_out=0.0)
 
 
@@ -141,40 +146,47 @@ class LLMPruner(OneShotPruner):
         return {"calib": c.calib, "calib_samples": c.calib_samples, "calib_max_length": c.calib_max_length,
                 "batch_size": c.batch_size, **alignment}
 
-    def most_compression(self) -> float:
-        """Every layer keeps its fewest allowed KV groups (one, unless aligned) and one neuron (block)."""
+    def narrowest_layer(self) -> LayerShape:
+        """Every layer's fewest allowed KV groups (one, unless aligned) and one neuron (block)."""
         adapter, model = self.loaded.adapter, self.loaded.model
-        shape, n_layers = adapter.shape(model), len(adapter.layers(model))
+        shape = adapter.shape(model)
         units = self.config.alignment.units(shape, adapter.kv_head_counts(model))
-        fewest_groups = min(units.kv_counts) if units.kv_counts else 1
-        removable = ((shape.kv_heads - fewest_groups) * shape.group_params
-                     + (shape.intermediate - units.neuron_block) * shape.neuron_params)
-        return n_layers * removable / self.original_params
+        return replace(shape, kv_heads=min(units.kv_counts) if units.kv_counts else 1,
+                       intermediate=units.neuron_block)
+
+    def most_compression(self) -> float:
+        shape, narrowest = self.loaded.adapter.shape(self.loaded.model), self.narrowest_layer()
+        removable = ((shape.kv_heads - narrowest.kv_heads) * shape.group_params
+                     + (shape.intermediate - narrowest.intermediate) * shape.neuron_params)
+        return self.goals.dense.layers * removable / self.original_params
+
+    def smallest_shape(self) -> ModelShape:
+        return layers_shape(self.goals.dense, self.narrowest_layer(), self.goals.dense.layers)
 
     def score(self) -> dict:
         scores = taylor_importance(self.loaded.model, self.loaded.adapter, self.calibration)
         return {"groups": [s.groups.tolist() for s in scores], "neurons": [s.neurons.tolist() for s in scores]}
 
-    def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
+    def cut(self, model: nn.Module, scores: dict, target: Target, state: RunState) -> list[dict]:
         """Remove from every layer its lowest-importance units, as many as `uniform_plan` says for `target`."""
-        logged = next((r for r in state.iterations if r["target"] == target), None)
+        logged = next((r for r in state.iterations if r.get(target.key) == target.value), None)
         if logged is not None:
             self.cut_units(model, width=logged["removed"])
             return [logged]
         started = time.perf_counter()
         adapter = self.loaded.adapter
-        budget = math.ceil(self.original_params - self.goal(target))
         shape = adapter.shape(model)
+        budget, costs = self.goals.needed(target, shape)
         units = self.config.alignment.units(shape, adapter.kv_head_counts(model))
-        plan = uniform_plan(shape, len(adapter.layers(model)), budget, units)
+        plan = uniform_plan(shape, len(adapter.layers(model)), budget, units, costs)
         unit_scores = [UnitScores(torch.tensor(g, dtype=torch.float64), torch.tensor(n, dtype=torch.float64))
                        for g, n in zip(scores["groups"], scores["neurons"], strict=True)]
         groups, neurons = lowest_units(unit_scores, plan)
         self.cut_units(model, width={"groups": groups, "neurons": neurons})
         params = count_params(model)
         record = {"iteration": len(state.iterations) + 1, "choice": "W", "decided_by": "llm_pruner", "layer": None,
-                  "target": target, "width_plan": plan.record(), "params": params,
+                  **target.record(), "width_plan": plan.record(), "params": params,
                   "compression": 1 - params / self.original_params, "seconds": round(time.perf_counter() - started, 3),
-                  "removed": {"groups": groups, "neurons": neurons}}
+                  **self.goals.record(self.shape(model)), "removed": {"groups": groups, "neurons": neurons}}
         state.iterations.append(record)
         return [record]

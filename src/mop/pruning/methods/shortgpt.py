@@ -10,15 +10,19 @@ checkpoints of several targets remove nested prefixes of the same ranking.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mop.data import Batch
+from mop.latency.model import ModelShape
 from mop.models import DecoderAdapter, count_params, input_device, layer_params
 from mop.pruning.methods.oneshot import OneShotPruner
 from mop.pruning.state import RunState
+from mop.pruning.targets import Target
 
 
 @torch.no_grad()
@@ -70,19 +74,24 @@ class ShortGPT(OneShotPruner):
         sizes = [layer_params(layer) for layer in self.loaded.adapter.layers(self.loaded.model)]
         return (sum(sizes) - min(sizes)) / self.original_params
 
+    def smallest_shape(self) -> ModelShape:
+        return replace(self.goals.dense, layers=1)
+
     def score(self) -> dict:
         return {"block_influence": block_influences(self.loaded.model, self.loaded.adapter, self.calibration).tolist()}
 
-    def cut(self, model: nn.Module, scores: dict, target: float, state: RunState) -> list[dict]:
-        """Remove the lowest-BI layers until the model keeps at most (1 − target) · P0: the removed set is chosen
-        one layer at a time (one record each), then cut in runs of consecutive layers, first to last, so that a
-        compensated cut repairs each run as a whole in the layer before it."""
+    def cut(self, model: nn.Module, scores: dict, target: Target, state: RunState) -> list[dict]:
+        """Remove the lowest-BI layers until the model reaches `target` (keeps at most (1 − target) · P0, or is
+        predicted as fast as asked): the removed set is chosen one layer at a time (one record each), then cut in
+        runs of consecutive layers, first to last, so that a compensated cut repairs each run as a whole in the
+        layer before it."""
         influences = scores["block_influence"]
         sizes = [layer_params(layer) for layer in self.loaded.adapter.layers(model)]
         params = count_params(model)
         removed: list[int] = []  # original indices, in removal order
+        left = lambda: replace(self.goals.dense, layers=len(sizes) - len(removed))  # the shape of what is kept
         for step, original in enumerate(removal_order(influences), start=1):
-            if params <= self.goal(target):
+            if self.goals.reached(target, params, left()):
                 break
             params -= sizes[original]
             if step > len(state.iterations):
@@ -91,6 +100,7 @@ class ShortGPT(OneShotPruner):
                     "layer": original - sum(r < original for r in removed),  # among the layers still there
                     "original_layer": original, "block_influence": influences[original], "params": params,
                     "compression": 1 - params / self.original_params,
+                    **self.goals.record(replace(left(), layers=len(sizes) - len(removed) - 1)),
                 })
             removed.append(original)
         gone = 0  # layers already cut before the current run
