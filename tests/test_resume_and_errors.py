@@ -83,6 +83,19 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_dirs, tmp_path):
     assert after == before and log_after.startswith(log_before) and log_after.count(b"==== ") == 2
 
 
+def test_reopening_a_run_removes_unlisted_checkpoints_only(tiny_dirs, tmp_path):
+    """A checkpoint a kill left unlisted is removed on the next run; a user's folder whose name merely starts
+    like one (a recovered `target-25-kd/`) stays."""
+    args = ["prune", str(tiny_dirs["mistral"]), "--out", str(tmp_path), "--target", "0.25", *SMALL]
+    assert main(args) == 0
+    for name in ("target-25-kd", "target-40", "speedup-150"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+    assert main(args) == 0
+    assert (tmp_path / "target-25-kd" / "model.safetensors").read_bytes() == b"weights"
+    assert not (tmp_path / "target-40").exists() and not (tmp_path / "speedup-150").exists()
+
+
 @pytest.fixture
 def corrupt_dirs(tiny_dirs, tmp_path) -> dict[str, Path]:
     """A directory without config.json, one with an unreadable config, one with truncated weights."""

@@ -10,6 +10,7 @@ that was never interrupted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from mop.provenance import write_json_atomic
 
 RUN_FILE = "run.json"
 PARTIAL = ".partial"  # suffix of what is being written (mop.models.save_checkpoint, write_json_atomic)
-CHECKPOINT_PREFIXES = ("target-", "speedup-")  # a compression target's checkpoint, a speed target's
+CHECKPOINT_NAME = re.compile(r"(target|speedup)-\d+")  # a compression target's checkpoint, a speed target's
 
 
 def target_name(target: float) -> str:
@@ -73,11 +74,12 @@ class RunState:
 
     def repair(self) -> None:
         """Remove what a kill can leave: `.partial` leftovers, checkpoints not listed in `run.json`; forget
-        listed checkpoints that are incomplete or gone (the run writes them again)."""
+        listed checkpoints that are incomplete or gone (the run writes them again). Only names a checkpoint of
+        a run can have are touched: a user's `target-20-recovered/` beside them stays."""
         self.targets = {name: reached for name, reached in self.targets.items()
                         if (self.directory / name / "mop.json").is_file()}
         for entry in self.directory.iterdir():
-            unlisted = entry.name.startswith(CHECKPOINT_PREFIXES) and entry.name not in self.targets
+            unlisted = CHECKPOINT_NAME.fullmatch(entry.name) and entry.name not in self.targets  # not `target-20-kd`
             if entry.name.endswith(PARTIAL) or unlisted:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
