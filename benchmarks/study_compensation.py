@@ -70,12 +70,11 @@ def cells() -> dict[str, dict]:
     return found
 
 
-def command(fields: dict) -> str:
+def command(fields: dict, targets: tuple[float, ...] = TARGETS) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
                "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge",
                "calib_samples": "--calib-samples"}
-    targets = " ".join(f"--target {t}" for t in TARGETS)
-    return f"mop prune {MODEL} {targets} " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
+    return f"mop prune {MODEL} " + " ".join(f"--target {t}" for t in targets) + " " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
 
 
 def done(label: str, targets: tuple[float, ...], recovery: str | None) -> bool:
@@ -121,7 +120,7 @@ def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...], 
     methods.prune(loaded, SearchConfig(targets=list(targets), **fields), out)
     prune_seconds = time.perf_counter() - started
     segments = data.text_segments(loaded.tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
-    result = {"label": label, "settings": fields, "command": command(fields), "device": device,
+    result = {"label": label, "settings": fields, "command": command(fields, targets), "device": device,
               "prune_seconds": round(prune_seconds, 1), "targets": {}}
     for target in targets:
         name = target_name(target)
