@@ -38,18 +38,20 @@ def tiny_config(family: str = "llama-gqa"):
     return config
 
 
-def fake_clock(costs: Coefficients):
+def fake_clock(costs: Coefficients, slowness: list[float] | None = None):
     """A clock that advances, at every forward pass of a causal LM, by `costs` applied to its shape: `fixed` at the
-    model's call, and each decoder layer's cost at that layer's call. Returns the clock and the hook's handle."""
+    model's call, and each decoder layer's cost at that layer's call, times `slowness[0]` (the machine's, 1 when
+    not given). Returns the clock and the hook's handle."""
     now = [0.0]
+    factor = slowness or [1.0]
 
     def advance(module: nn.Module, args) -> None:
         name = type(module).__name__
         if name.endswith("ForCausalLM"):
-            now[0] += costs.fixed
+            now[0] += factor[0] * costs.fixed
         elif name.endswith("DecoderLayer"):
             attention, head_dim = module.self_attn, module.self_attn.head_dim
-            now[0] += (costs.per_layer + costs.per_query_head * (attention.q_proj.out_features // head_dim)
+            now[0] += factor[0] * (costs.per_layer + costs.per_query_head * (attention.q_proj.out_features // head_dim)
                        + costs.per_kv_head * (attention.k_proj.out_features // head_dim)
                        + costs.per_neuron * module.mlp.gate_proj.out_features)
 
@@ -79,6 +81,32 @@ def test_fit_on_a_fake_clock_recovers_the_per_unit_costs(faked, tmp_path):
     assert max(model.record()["max_abs_relative_error"].values()) < 1e-9
     dense = config_shape(tiny_config())
     assert model.decode_seconds(dense) == pytest.approx(0.5 + 6 * (0.25 + 0.03 * 4 + 0.07 * 2 + 0.001 * 96))
+
+
+def test_shapes_timed_in_groups_are_rescaled_by_the_dense_shape(tmp_path, monkeypatch):
+    """Shapes too heavy to time together go in groups, each with the dense shape; a machine that runs slower at
+    every group (the g-th group g times as slow) is rescaled away by the dense shape's times, so the fit still
+    recovers the costs exactly. Without the rescaling the later groups' shapes look g times as slow."""
+    monkeypatch.setattr(mop.latency.model, "GROUP_BYTES_FACTOR", 1.5)
+    slowness, groups = [0.0], []
+    measure_on = mop.latency.model.measure_on
+
+    def slower_every_group(models, *args):
+        slowness[0] += 1
+        groups.append(list(models))
+        return measure_on(models, *args)
+
+    monkeypatch.setattr(mop.latency.model, "measure_on", slower_every_group)
+    clock, handle = fake_clock(COSTS, slowness)
+    try:
+        model = measure_latency_model(tiny_config(), SETTINGS, cache=tmp_path, clock=clock)
+    finally:
+        handle.remove()
+    dense = config_shape(tiny_config()).label()
+    assert len(groups) >= 3 and all(group[0] == dense for group in groups)
+    assert sorted(sum((group[1:] for group in groups), [])) == sorted(s.label() for s in
+                                                                      synthetic_shapes(config_shape(tiny_config()))[1:])
+    assert asdict(model.coefficients["decode"]) == pytest.approx(asdict(COSTS), rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

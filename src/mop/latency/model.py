@@ -49,6 +49,10 @@ QUANTITIES = ("decode", "prefill", "end_to_end")
 ENGINES = ("transformers", "vllm")
 # the protocol's prompts and token counts, fewer runs: 3 kept runs per synthetic shape
 FIT_SETTINGS = LatencySettings(runs=5, warmup=2, time_generate=False)
+# synthetic models timed together weigh at most this many times the dense one (`time_shapes`)
+GROUP_BYTES_FACTOR = 3
+# how the synthetic shapes are timed: part of a latency model's context, so models fitted otherwise are not reused
+TIMING = "alternating, in groups anchored on the dense shape"
 
 
 @dataclass(frozen=True)
@@ -304,22 +308,46 @@ def synthetic_model(config: PretrainedConfig, shape: ModelShape, device: str, dt
 
 def time_shapes(config: PretrainedConfig, shapes: list[ModelShape], settings: LatencySettings, device: str,
                 dtype: str, clock: Clock = time.perf_counter) -> list[ShapeTiming]:
-    """Each shape as a random-weight model timed by the protocol (one model in memory at a time), on prompt ids
-    0, 1, 2, … (timing does not depend on which tokens)."""
+    """Each shape as a random-weight model timed by the protocol, on prompt ids 0, 1, 2, … (timing does not depend
+    on which tokens). The shapes are timed together, alternating run by run as `mop bench` alternates a checkpoint
+    and the dense model, so that a slow spell of the machine falls on every shape alike. They go in groups whose
+    weights fit GROUP_BYTES_FACTOR × the first shape's (the dense one); every group holds the first shape, and its
+    times are rescaled so that the first shape's equal those of the first group."""
     prompt = torch.arange(settings.prompt_tokens).unsqueeze(0) % config.vocab_size
     long_prompt = torch.arange(settings.prefill_tokens).unsqueeze(0) % config.vocab_size
-    timings = []
-    for shape in shapes:
-        model = synthetic_model(config, shape, device, dtype)
-        result = measure_on({shape.label(): model}, prompt, long_prompt, settings, clock)[shape.label()]
-        kept = slice(settings.warmup, None)
-        raw = result["raw"]
-        seconds = {"decode": result["decode_ms_per_token"]["mean"] / 1000,
-                   "prefill": sum(raw["long_prefill_s"][kept]) / len(raw["long_prefill_s"][kept]),
-                   "end_to_end": result["end_to_end_s"]["mean"]}
-        timings.append(ShapeTiming(shape, seconds))
-        del model
-    return timings
+    size = {shape: _weight_bytes(config, shape, dtype) for shape in shapes}
+    anchor = synthetic_model(config, shapes[0], device, dtype)
+    seconds: dict[ModelShape, dict[str, float]] = {}
+    rest = list(shapes[1:])
+    while rest or not seconds:
+        group = [shapes[0]]
+        while rest and (len(group) == 1 or sum(size[s] for s in group) + size[rest[0]]
+                        <= GROUP_BYTES_FACTOR * size[shapes[0]]):
+            group.append(rest.pop(0))
+        models = {shape.label(): anchor if shape == shapes[0] else synthetic_model(config, shape, device, dtype)
+                  for shape in group}
+        timed = measure_on(models, prompt, long_prompt, settings, clock)
+        del models
+        measured = {shape: _seconds(timed[shape.label()], settings) for shape in group}
+        reference = seconds.get(shapes[0], measured[shapes[0]])
+        for shape in group:
+            seconds.setdefault(shape, {q: measured[shape][q] * reference[q] / measured[shapes[0]][q]
+                                       for q in QUANTITIES})
+    return [ShapeTiming(shape, seconds[shape]) for shape in shapes]
+
+
+def _weight_bytes(config: PretrainedConfig, shape: ModelShape, dtype: str) -> int:
+    """The bytes of `shape`'s weights in `dtype` (counted on the meta device)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shaped_config(config, shape), dtype=DTYPES[dtype])
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _seconds(result: dict, settings: LatencySettings) -> dict[str, float]:
+    """A protocol summary (`measure_on`'s, one model) as seconds per quantity (QUANTITIES)."""
+    prefill = result["raw"]["long_prefill_s"][settings.warmup:]
+    return {"decode": result["decode_ms_per_token"]["mean"] / 1000, "prefill": sum(prefill) / len(prefill),
+            "end_to_end": result["end_to_end_s"]["mean"]}
 
 
 def measurement_context(config: PretrainedConfig, settings: LatencySettings, device: str, dtype: str,
@@ -331,7 +359,7 @@ def measurement_context(config: PretrainedConfig, settings: LatencySettings, dev
                        "mlp": bool(getattr(config, "mlp_bias", False))},
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "device": describe_device(torch.device(device)), "torch_threads": torch.get_num_threads(),
-            "dtype": dtype, "engine": engine, "settings": asdict(settings),
+            "dtype": dtype, "engine": engine, "settings": asdict(settings), "timing": TIMING,
             "versions": {name: version for name, version in versions().items() if name in ("torch", "transformers")}}
 
 
