@@ -1,0 +1,209 @@
+"""The equal-speed study of issue 28 on SmolLM2-135M, no recovery: every method stopped at the same predicted
+speedups (`--target-speedup 1.25 1.4 1.6`) by one latency model of this CPU, then WikiText-2 perplexity by the
+standard protocol on the first 8 and 32 segments, and on request the measured speedup (`--bench`) and the four
+tasks (`--tasks N`: the first N documents of each).
+
+Every method runs with the small recipe's pruning settings (block influence for the search's layers, the
+closed-form repair, WikiText-2 validation text) on the README job's 32 calibration prompts, so the rows differ
+by the method only. The latency model is one record, `docs/study/speed/latency_model.json`, taken from this
+machine's cache (`mop.latency.measure_latency_model`, measured when absent) the first time and shared by every
+cell, so all of them stop by the same prediction.
+
+A cell is one method and seed pruned in-process to the three speeds; its result is
+`docs/study/speed/<label>.json` (the settings, the equivalent `mop prune` command, per speed the predicted and
+measured speedups, size, path, perplexities, accuracies). A rerun computes only what is missing: the cells
+without a record, then the timings and tasks the records lack. Checkpoints go to `runs/speed/` (never committed).
+
+    MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--only LABEL ...] [--bench] [--tasks N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "study" / "speed"
+RUNS = ROOT / "runs" / "speed"
+LATENCY_MODEL = DOCS / "latency_model.json"
+MODEL = "smollm2-135m"
+SPEEDUPS = (1.25, 1.4, 1.6)
+SEGMENTS = (8, 32)
+TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+# the small recipe's pruning settings (mop.recipes) on the README job's 32 prompts
+SHARED = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32}
+CELLS = {
+    "width": {"mode": "width"},
+    "shortgpt": {"method": "shortgpt"},
+    "llm-pruner": {"method": "llm-pruner"},
+    **{f"mop-bi-s{seed}": {"layer_criterion": "block_influence", "seed": seed} for seed in (0, 1, 2)},
+}
+BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
+
+
+def command(fields: dict) -> str:
+    options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
+               "compensation": "--compensation", "calib": "--calib", "calib_samples": "--calib-samples"}
+    return (f"mop prune {MODEL} " + " ".join(f"--target-speedup {s}" for s in SPEEDUPS) + " "
+            + " ".join(f"{options[k]} {v}" for k, v in fields.items())
+            + f" --latency-model {LATENCY_MODEL.relative_to(ROOT)} --out DIR")
+
+
+def speed_name(speedup: float) -> str:
+    return f"speedup-{round(100 * speedup)}"
+
+
+def latency_model_file() -> Path:
+    """The study's one latency model: this machine's (cached or measured), written once to LATENCY_MODEL."""
+    if not LATENCY_MODEL.exists():
+        from mop.latency import measure_latency_model
+        from mop.models import load_model
+        from mop.provenance import write_json_atomic
+
+        loaded = load_model(MODEL)
+        model = measure_latency_model(loaded.adapter.text_config(loaded.model))
+        DOCS.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(LATENCY_MODEL, model.record())
+    return LATENCY_MODEL
+
+
+def prune_cell(label: str, fields: dict) -> dict:
+    """Prune one cell to every speed and measure each checkpoint's perplexity."""
+    from mop import data
+    from mop.models import load_model
+    from mop.pruning import methods
+    from mop.pruning.search import SearchConfig
+
+    settings = {**fields, **SHARED}
+    started = time.perf_counter()
+    loaded = load_model(MODEL)
+    out = RUNS / label
+    methods.prune(loaded, SearchConfig(targets=[], speedups=list(SPEEDUPS), latency_model=str(latency_model_file()),
+                                       **settings), out)
+    prune_seconds = time.perf_counter() - started
+    segments = data.text_segments(loaded.tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
+    result = {"label": label, "settings": settings, "command": command(settings),
+              "prune_seconds": round(prune_seconds, 1), "speeds": {}}
+    for speedup in SPEEDUPS:
+        name = speed_name(speedup)
+        record = json.loads((out / name / "mop.json").read_text())
+        model = load_model(str(out / name)).model
+        result["speeds"][name] = {
+            "predicted_speedup": record["predicted_speedup"], "params": record["params"],
+            "compression": record["compression"], "path": record["path"],
+            **perplexities(model, segments),
+        }
+    return result
+
+
+def perplexities(model, segments: list) -> dict[str, float]:
+    """WikiText-2 perplexity on the first n segments for each n in SEGMENTS, every segment scored once (they are
+    all 2048 tokens long, so the perplexity of n segments is the geometric mean of theirs)."""
+    from mop.evaluation.perplexity import segments_perplexity
+
+    with torch.inference_mode():
+        logs = [math.log(segments_perplexity(model, [segment])) for segment in segments[:max(SEGMENTS)]]
+    return {f"ppl{n}": math.exp(sum(logs[:n]) / n) for n in SEGMENTS}
+
+
+def bench_cell(result: dict) -> None:
+    """Time each checkpoint of `result` against the dense model by the paper's protocol (measured speedup)."""
+    from mop.latency import LatencySettings, benchmark
+    from mop.models import load_model
+
+    dense = load_model(MODEL)
+    settings = LatencySettings(**BENCH, time_generate=False)
+    for name, measured in result["speeds"].items():
+        if "measured_speedup" in measured:
+            continue
+        record = benchmark(load_model(str(RUNS / result["label"] / name)), dense, settings)
+        measured |= {"measured_speedup": record["speedup"]["ratio_of_means"],
+                     "measured_speedup_std": record["speedup"]["std"], "bench": BENCH,
+                     "load_average": os.getloadavg()[0]}
+        save(result)
+
+
+def task_cell(result: dict, limit: int) -> None:
+    """The four tasks on the first `limit` documents of each, for each checkpoint of `result` that lacks them."""
+    from mop.evaluation.harness import accuracy, paper_average
+    from mop.models import load_model
+
+    for name, measured in result["speeds"].items():
+        if measured.get("tasks_limit") == limit:
+            continue
+        tasks = accuracy(load_model(str(RUNS / result["label"] / name)), list(TASKS), limit, batch_size=8)
+        measured |= {"tasks": tasks, "average": paper_average(tasks)[0], "tasks_limit": limit}
+        save(result)
+
+
+def write_report() -> None:
+    """docs/study/speed/README.md: per speed, every cell's row from the records."""
+    from mop.evaluation.tasks import PAPER_METRIC
+
+    records = [json.loads((DOCS / f"{label}.json").read_text()) for label in CELLS if (DOCS / f"{label}.json").exists()]
+    lines = ["# Equal-speed study (SmolLM2-135M, CPU, no recovery)", "",
+             "Written by `benchmarks/study_speed.py` from the records beside this file (each with its `mop prune` "
+             "command); the protocol is in its docstring and in docs/RESULTS.md.", ""]
+    for speedup in SPEEDUPS:
+        name = speed_name(speedup)
+        lines += [f"## {speedup}x", "", "| cell | path | compression | predicted speedup | measured speedup | "
+                  "WikiText-2 (8 / 32 segments) | ARC-e | HellaSwag | PIQA | WinoGrande | average |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for record in records:
+            row = record["speeds"][name]
+            measured = (f"{row['measured_speedup']:.3f} ± {row['measured_speedup_std']:.3f}"
+                        if "measured_speedup" in row else "—")
+            tasks = row.get("tasks", {})
+            accuracy = [f"{100 * tasks[t][PAPER_METRIC.get(t, 'acc_norm')]:.1f}" if t in tasks else "—"
+                        for t in TASKS]
+            average = f"{100 * row['average']:.1f}" if row.get("average") is not None else "—"
+            lines.append(f"| {record['label']} | `{row['path']}` | {100 * row['compression']:.1f}% | "
+                         f"{row['predicted_speedup']:.3f} | {measured} | {row['ppl8']:.2f} / {row['ppl32']:.2f} | "
+                         + " | ".join(accuracy) + f" | {average} |")
+        lines.append("")
+    (DOCS / "README.md").write_text("\n".join(lines))
+
+
+def save(result: dict) -> None:
+    path = DOCS / f"{result['label']}.json"
+    path.with_suffix(".partial").write_text(json.dumps(result, indent=1))
+    os.replace(path.with_suffix(".partial"), path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", action="append", default=[], help="a cell's label (repeatable)")
+    parser.add_argument("--bench", action="store_true", help="also time every checkpoint (needs a quiet machine)")
+    parser.add_argument("--tasks", type=int, metavar="N", help="also the four tasks on their first N documents")
+    args = parser.parse_args()
+    DOCS.mkdir(parents=True, exist_ok=True)
+    for label, fields in CELLS.items():
+        if args.only and label not in args.only:
+            continue
+        path = DOCS / f"{label}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+        else:
+            result = prune_cell(label, fields)
+            save(result)
+        print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
+                              result["speeds"].items()), flush=True)
+        if args.bench or args.tasks:
+            if not (RUNS / label).is_dir():
+                print(f"{label}: its checkpoints are gone (runs/speed/{label}); remove its record to prune again")
+                continue
+        if args.bench:
+            bench_cell(result)
+        if args.tasks:
+            task_cell(result, args.tasks)
+    write_report()
+
+
+if __name__ == "__main__":
+    main()
