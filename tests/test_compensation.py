@@ -14,7 +14,8 @@ from mop import data
 from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
-from mop.pruning.compensation import CompensationSettings, Repair, cut, depth_repair, refit_columns, width_repair
+from mop.pruning.compensation import (CompensationSettings, Repair, cut, depth_repair, refit_columns,
+                                      symmetric_gram, width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
@@ -321,3 +322,10 @@ def test_llava_language_model_is_repaired_and_its_vision_tower_kept(tmp_path, to
         assert all(torch.equal(v, vision[k]) for k, v in copy.model.vision_tower.state_dict().items())
     assert errors["lstsq"] < errors["none"], errors
 
+
+
+def test_symmetric_gram_is_the_full_product_and_exactly_symmetric():
+    x = torch.randn(50, 37, generator=torch.Generator().manual_seed(0))
+    gram = symmetric_gram(x, block=8)  # 37 = 4 blocks of 8 and a tail of 5
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gram, gram.T)

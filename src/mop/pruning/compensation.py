@@ -47,6 +47,7 @@ from mop.pruning.surgery import prune_width, remove_layer
 METHODS = ("none", "lstsq")
 GRAM_BYTES = 1 << 30  # bound on the float64 Grams held during one calibration pass
 DEFAULT_RIDGE = 1e-2
+GRAM_BLOCK = 256  # columns per product in `symmetric_gram`
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,21 @@ class _Stop(Exception):
     """Raised by a hook once the last layer a pass needs has run."""
 
 
+def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """xᵀx [n, n] for `x` [N, n], exactly symmetric: only the blocks on and above the diagonal are multiplied
+    (`block` columns at a time) and mirrored below. Float32 on a CPU: half the time of one full product
+    (measured on 7168 tokens × 1537: 0.44 s against 0.97 s on one thread), where float64 would double it."""
+    n = x.shape[1]
+    gram = x.new_empty(n, n)
+    for start in range(0, n, block):
+        stop = start + block
+        gram[start:stop, start:] = x[:, start:stop].T @ x[:, start:]
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+        diagonal = gram[start:stop, start:stop]
+        gram[start:stop, start:stop] = diagonal.triu() + diagonal.triu(1).T
+    return gram
+
+
 class _Moments:
     """Running sums over real tokens of x xᵀ (with a constant input appended when `bias`), float64, on the
     device of the activations."""
@@ -94,10 +110,9 @@ class _Moments:
     def add(self, x: torch.Tensor) -> None:  # x [N, size]
         if self.bias:
             x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-        x = x.float()
         if self.gram is None:
             self.gram = torch.zeros(self.size + self.bias, self.size + self.bias, dtype=torch.float64, device=x.device)
-        self.gram += x.T @ x  # one batch's product in float32 (half the time of float64 on a CPU), summed in float64
+        self.gram += symmetric_gram(x.float())  # one batch's product in float32, summed in float64
         self.tokens += len(x)
 
     @property
