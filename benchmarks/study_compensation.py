@@ -51,29 +51,36 @@ RECOVERIES = {
 }
 
 
+# the ridges every "lstsq" cell was measured with (the default until benchmarks/ablation_repair.py measured better)
+FIRST_RIDGES = {"compensation_ridge": 1e-2, "compensation_depth_ridge": 1e-2}
+# the measured ones (the defaults since): cells labelled "-r0.1-d0.001"
+RIDGES = {"compensation_ridge": 1e-1, "compensation_depth_ridge": 1e-3}
+
+
 def cells() -> dict[str, dict]:
-    """label → SearchConfig fields. Labels: METHOD[-sSEED]-COMPENSATION-CALIB[-ridgeR]."""
+    """label → SearchConfig fields. Labels: METHOD[-sSEED]-COMPENSATION-CALIB[-nSAMPLES][-rR-dD]."""
     found = {}
     for stem, (fields, seeds) in METHODS.items():
         for seed in seeds:
             for compensation in ("none", "lstsq"):
                 for calib in CALIBRATIONS:
                     label = f"{stem}{f'-s{seed}' if len(seeds) > 1 else ''}-{compensation}-{calib}"
-                    found[label] = {**fields, "seed": seed, "compensation": compensation, "calib": calib}
-    for ridge in (1e-4, 1e-3, 1e-1, 1.0):  # the ridge, on width-only with C4 (the default 1e-2 is the row above)
-        found[f"width-lstsq-c4-ridge{ridge:g}"] = {"mode": "width", "compensation": "lstsq", "calib": "c4",
-                                                   "compensation_ridge": ridge}
-    # the README job's candidates at 20%: the small recipe's search and width-only on the job's 32 calibration prompts
+                    found[label] = {**fields, "seed": seed, "compensation": compensation, "calib": calib,
+                                    **(FIRST_RIDGES if compensation == "lstsq" else {})}
+    # the README job's candidates at 20%: the small recipe's search and width-only, on the job's 32 calibration
+    # prompts and on the default 128, with the first ridges and with the measured ones
     for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "width": {"mode": "width"}}.items():
-        found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**fields, "compensation": "lstsq", "calib": "wikitext2-valid",
-                                                      "calib_samples": 32}
+        repaired = {**fields, "compensation": "lstsq", "calib": "wikitext2-valid"}
+        found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**repaired, "calib_samples": 32, **FIRST_RIDGES}
+        found[f"{stem}-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**repaired, "calib_samples": 32, **RIDGES}
+        found[f"{stem}-lstsq-wikitext2-valid-r0.1-d0.001"] = {**repaired, **RIDGES}
     return found
 
 
 def command(fields: dict, targets: tuple[float, ...] = TARGETS) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
                "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge",
-               "calib_samples": "--calib-samples"}
+               "compensation_depth_ridge": "--compensation-depth-ridge", "calib_samples": "--calib-samples"}
     return f"mop prune {MODEL} " + " ".join(f"--target {t}" for t in targets) + " " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
 
 

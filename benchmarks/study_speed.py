@@ -36,8 +36,10 @@ MODEL = "smollm2-135m"
 SPEEDUPS = (1.25, 1.4, 1.6)
 SEGMENTS = (8, 32)
 TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
-# the small recipe's pruning settings (mop.recipes) on the README job's 32 prompts
-SHARED = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32}
+# the small recipe's pruning settings (mop.recipes) on the README job's 32 prompts, with the ridges of the time
+# (one of 1e-2 for both kinds of repair; the defaults since are benchmarks/ablation_repair.py's)
+SHARED = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32, "compensation_ridge": 1e-2,
+          "compensation_depth_ridge": 1e-2}
 CELLS = {
     "width": {"mode": "width"},
     "shortgpt": {"method": "shortgpt"},
@@ -49,7 +51,8 @@ BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternat
 
 def command(fields: dict) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
-               "compensation": "--compensation", "calib": "--calib", "calib_samples": "--calib-samples"}
+               "compensation": "--compensation", "calib": "--calib", "calib_samples": "--calib-samples",
+               "compensation_ridge": "--compensation-ridge", "compensation_depth_ridge": "--compensation-depth-ridge"}
     return (f"mop prune {MODEL} " + " ".join(f"--target-speedup {s}" for s in SPEEDUPS) + " "
             + " ".join(f"{options[k]} {v}" for k, v in fields.items())
             + f" --latency-model {LATENCY_MODEL.relative_to(ROOT)} --out DIR")

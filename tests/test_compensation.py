@@ -14,12 +14,12 @@ from mop import data
 from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
-from mop.pruning.compensation import (CompensationSettings, Repair, cut, depth_repair, refit_columns,
+from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut, depth_repair, refit_columns,
                                       symmetric_gram, width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
-EXACT = CompensationSettings("lstsq", ridge=1e-9)  # next to no ridge: an exact fit must be found exactly
+EXACT = CompensationSettings("lstsq", ridge=1e-9, depth_ridge=1e-9)  # next to no ridge: an exact fit must be found exactly
 CALIB = dict(calib="wikitext2-valid", calib_samples=32, calib_max_length=64, batch_size=8)
 IDS = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(0))
 
@@ -126,7 +126,8 @@ def test_a_removed_layer_linear_in_what_the_layer_before_writes_is_restored(toke
     adapter = adapter_for(dense_model)
     dense = logits(dense_model)
     cut(plain, adapter, [], CompensationSettings(), layer=3)
-    records = cut(repaired, adapter, random_batches(), EXACT, layer=3)
+    depth_only_exact = CompensationSettings("lstsq", ridge=1.0, depth_ridge=1e-9)  # a depth cut reads depth_ridge
+    records = cut(repaired, adapter, random_batches(), depth_only_exact, layer=3)
     torch.testing.assert_close(logits(repaired), dense, atol=1e-4, rtol=0)
     assert (logits(plain) - dense).abs().max() > 1e-2
     assert records[0]["module"] == "2.mlp.down_proj" and records[0]["error_after"] < 1e-6 < records[0]["error_before"]
@@ -280,7 +281,7 @@ def test_every_method_records_its_repairs(tiny_dirs, tokenizer, tmp_path, method
         else:
             compensation_record = record["compensation"]
             repairs = [r for r in compensation_record["repairs"] if "skipped" not in r]
-            assert repairs and compensation_record["method"] == "lstsq" and compensation_record["ridge"] == 1e-2
+            assert repairs and compensation_record["method"] == "lstsq" and compensation_record["ridge"] == DEFAULT_RIDGE
             assert all(r["error_after"] < r["error_before"] for r in repairs)
     if method != "shortgpt":
         assert errors["lstsq"] < errors["none"], errors
@@ -292,6 +293,9 @@ def test_compensation_is_part_of_the_run_identity(tiny_dirs, tmp_path):
     assert "compensation" not in plain.identity()  # runs made before the option stay theirs
     repaired = SearchConfig(targets=[0.2], compensation="lstsq", compensation_ridge=0.05)
     assert repaired.identity()["compensation"] == "lstsq" and repaired.identity()["compensation_ridge"] == 0.05
+    assert repaired.identity()["compensation_depth_ridge"] == DEFAULT_DEPTH_RIDGE
+    one_ridge = SearchConfig(targets=[0.2], compensation="lstsq", compensation_ridge=0.05, compensation_depth_ridge=0.05)
+    assert "compensation_depth_ridge" not in one_ridge.identity()  # as runs made before the depth ridge existed
     methods.prune(loaded, SearchConfig(targets=[0.2], mode="width", **CALIB), tmp_path / "run")
     with pytest.raises(Exception, match="compensation"):
         methods.prune(load_model(str(tiny_dirs["llama-gqa"])),

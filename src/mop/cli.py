@@ -25,7 +25,7 @@ from rich.table import Table
 from mop import logs, recipes
 from mop.errors import MopError
 from mop.plugins import load_plugins
-from mop.pruning.compensation import DEFAULT_RIDGE, METHODS as COMPENSATIONS
+from mop.pruning.compensation import DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, METHODS as COMPENSATIONS
 from mop.provenance import invoked_as
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
@@ -111,7 +111,7 @@ OPTION_VALUES: dict[str, Callable[[str], object]] = {
     "--recovery-epochs": positive_float, "--recovery-steps": positive_int, "--recovery-batch-size": positive_int,
     "--recovery-micro-batch-size": positive_int, "--recovery-max-length": positive_int, "--recovery-lr": positive_float,
     "--recovery-dropout": probability,
-    "--compensation-ridge": positive_float,
+    "--compensation-ridge": positive_float, "--compensation-depth-ridge": positive_float,
     "--recovery-weight-decay": non_negative_float,
     "--eval-limit": positive_int, "--eval-batch-size": positive_int, "--eval-ppl-segment-length": at_least_two,
     "--eval-ppl-segments": positive_int, "--bench-runs": positive_int, "--bench-warmup": non_negative_int,
@@ -204,7 +204,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS,
                         help="repair every cut in closed form from the calibration activations (lstsq) or not")
     parser.add_argument("--compensation-ridge", type=float, default=DEFAULT_RIDGE,
-                        help="the repair's ridge, a share of the mean diagonal of the kept inputs' Gram")
+                        help="the ridge of a width repair, a share of the mean diagonal of the kept inputs' Gram")
+    parser.add_argument("--compensation-depth-ridge", type=float, default=DEFAULT_DEPTH_RIDGE,
+                        help="the ridge of a depth repair, a share of the mean diagonal of its inputs' Gram")
     parser.add_argument("--calib", default="alpaca",
                         help="calibration data (AMP, block influence, compensation): alpaca, c4, wikitext2-valid or a file")
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -233,7 +235,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
         mode=args.mode, layer_criterion=args.layer_criterion,
         width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed,
         compression_of=args.compression_of, compensation=args.compensation,
-        compensation_ridge=args.compensation_ridge, calib=args.calib,
+        compensation_ridge=args.compensation_ridge, compensation_depth_ridge=args.compensation_depth_ridge,
+        calib=args.calib,
         calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
         path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,

@@ -46,14 +46,16 @@ from mop.pruning.surgery import prune_width, remove_layer
 
 METHODS = ("none", "lstsq")
 GRAM_BYTES = 1 << 30  # bound on the float64 Grams held during one calibration pass
-DEFAULT_RIDGE = 1e-2
+DEFAULT_RIDGE = 1e-1  # width re-fits (docs/design.md "Ridge": measured best of 1e-3 to 1)
+DEFAULT_DEPTH_RIDGE = 1e-3  # depth re-fits (measured best of 1e-4 to 1)
 GRAM_BLOCK = 256  # columns per product in `symmetric_gram`
 
 
 @dataclass(frozen=True)
 class CompensationSettings:
     method: str = "none"  # one of METHODS
-    ridge: float = DEFAULT_RIDGE  # λ as a share of the mean diagonal of the kept inputs' Gram
+    ridge: float = DEFAULT_RIDGE  # λ of a width re-fit, a share of the mean diagonal of the kept inputs' Gram
+    depth_ridge: float = DEFAULT_DEPTH_RIDGE  # λ of a depth re-fit, a share of the mean diagonal of E[h hᵀ]
 
     @property
     def enabled(self) -> bool:
@@ -336,7 +338,7 @@ def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
     _calibration_pass(model, batches, hooks)
     n = max(h_moments.tokens, 1)
     c_hh, c_dh = h_moments.gram / n, cross[0] / n
-    lam = settings.ridge * c_hh.diagonal().mean().clamp_min(1e-12)
+    lam = settings.depth_ridge * c_hh.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
     correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
     # E‖Δ − D h‖² = E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ)
@@ -388,5 +390,6 @@ def compensation_record(settings: CompensationSettings, repairs: list[dict]) -> 
         return {}
     fitted = [r for r in repairs if "skipped" not in r]
     mean = lambda key: sum(r[key] for r in fitted) / len(fitted) if fitted else None
-    return {"compensation": {"method": settings.method, "ridge": settings.ridge, "repairs": repairs,
+    return {"compensation": {"method": settings.method, "ridge": settings.ridge,
+                             "depth_ridge": settings.depth_ridge, "repairs": repairs,
                              "mean_error_before": mean("error_before"), "mean_error_after": mean("error_after")}}

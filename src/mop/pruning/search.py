@@ -69,7 +69,8 @@ class SearchConfig:
     tensor_parallel: int = 1  # width steps leave head counts that shard over this many devices (`Alignment`)
     mlp_multiple: int = 1  # ... and MLP widths that are multiples of tensor_parallel × this many neurons
     compensation: str = "none"  # one of COMPENSATIONS: repair every cut in closed form (mop.pruning.compensation)
-    compensation_ridge: float = CompensationSettings.ridge
+    compensation_ridge: float = CompensationSettings.ridge  # of width re-fits
+    compensation_depth_ridge: float = CompensationSettings.depth_ridge  # of depth re-fits
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
@@ -87,8 +88,8 @@ class SearchConfig:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
         if self.tensor_parallel < 1 or self.mlp_multiple < 1:
             raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
-        if not self.compensation_ridge > 0:
-            raise MopError(f"compensation ridge {self.compensation_ridge} must be > 0")
+        if not (self.compensation_ridge > 0 and self.compensation_depth_ridge > 0):
+            raise MopError(f"compensation ridges {self.compensation_ridge}, {self.compensation_depth_ridge} must be > 0")
         self.lora.validate()
 
     @property
@@ -102,16 +103,18 @@ class SearchConfig:
 
     @property
     def compensation_settings(self) -> CompensationSettings:
-        return CompensationSettings(self.compensation, self.compensation_ridge)
+        return CompensationSettings(self.compensation, self.compensation_ridge, self.compensation_depth_ridge)
 
     def identity(self) -> dict:
         """Everything that decides the path; the targets only decide where it stops, except that speed targets
         match the width steps in latency (`step_matching`; the latency model itself is in the run's identity).
         An alignment of 1 (none) and no compensation are left out: such runs are the runs made before the options
-        existed, and stay theirs."""
-        unset = {"tensor_parallel": 1, "mlp_multiple": 1}
+        existed, and stay theirs; so is a depth ridge equal to the width ridge (one ridge for both, as before the
+        depth ridge was an option)."""
+        unset = {"tensor_parallel": 1, "mlp_multiple": 1, "compensation_depth_ridge": self.compensation_ridge}
         if self.compensation == "none":
-            unset.update(compensation="none", compensation_ridge=self.compensation_ridge)
+            unset.update(compensation="none", compensation_ridge=self.compensation_ridge,
+                         compensation_depth_ridge=self.compensation_depth_ridge)
         targets = ("targets", "speedups", "latency_model")
         matching = {"step_matching": "latency"} if self.speedups else {}
         return {k: v for k, v in asdict(self).items() if k not in targets and not (k in unset and unset[k] == v)} \
