@@ -52,7 +52,7 @@ DEPTH_LAYERS = 8
 RIDGES = (1e-3, 1e-2, 1e-1, 3e-1, 1.0)
 CELLS = (["width-none"] + [f"width-lstsq-r{r:g}" for r in RIDGES]
          + ["width-sequential", "width-residual", "width-obs", "width-intercept"]
-         + [f"depth-r{r:g}" for r in (1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)])
+         + [f"depth-r{r:g}" for r in (1e-5, 1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)])
 RIDGE = 1e-2  # of the cells that do not sweep it
 
 
@@ -179,7 +179,7 @@ def width_cell(loaded, batches, cell: str) -> nn.Module:
 
 
 def depth_cell(loaded, batches, cell: str) -> nn.Module:
-    settings = CompensationSettings("lstsq", float(cell.split("-r")[-1]))
+    settings = CompensationSettings("lstsq", depth_ridge=float(cell.split("-r")[-1]))
     removed = sorted(removal_order(block_influences(loaded.model, loaded.adapter, batches).tolist())[:DEPTH_LAYERS])
     model, gone = structural_copy(loaded.model), 0
     for first, count in consecutive_runs(removed):

@@ -53,7 +53,8 @@ RECOVERIES = {
 
 # the ridges every "lstsq" cell was measured with (the default until benchmarks/ablation_repair.py measured better)
 FIRST_RIDGES = {"compensation_ridge": 1e-2, "compensation_depth_ridge": 1e-2}
-# the measured ones (the defaults since): cells labelled "-r0.1-d0.001"
+# the ablation's first choice (width 1e-1, depth 1e-3; its later cell 1e-4 made that the depth default): cells
+# labelled "-r0.1-d0.001"
 RIDGES = {"compensation_ridge": 1e-1, "compensation_depth_ridge": 1e-3}
 
 
