@@ -14,12 +14,12 @@ from mop import data
 from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
-from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut, depth_repair, refit_columns,
-                                      symmetric_gram, width_repair)
+from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut,
+                                      depth_repair, refit_columns, symmetric_gram, width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
-EXACT = CompensationSettings("lstsq", ridge=1e-9, depth_ridge=1e-9)  # next to no ridge: an exact fit must be found exactly
+EXACT = CompensationSettings("lstsq", ridge=1e-9, depth_ridge=1e-9)  # next to no ridge: an exact fit is found exactly
 CALIB = dict(calib="wikitext2-valid", calib_samples=32, calib_max_length=64, batch_size=8)
 IDS = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(0))
 
@@ -325,7 +325,6 @@ def test_llava_language_model_is_repaired_and_its_vision_tower_kept(tmp_path, to
         errors[settings.method] = held_out_error(copy, dense, ids)
         assert all(torch.equal(v, vision[k]) for k, v in copy.model.vision_tower.state_dict().items())
     assert errors["lstsq"] < errors["none"], errors
-
 
 
 def test_symmetric_gram_is_the_full_product_and_exactly_symmetric():

@@ -87,8 +87,7 @@ class _Stop(Exception):
 
 def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     """xᵀx [n, n] for `x` [N, n], exactly symmetric: only the blocks on and above the diagonal are multiplied
-    (`block` columns at a time) and mirrored below. Float32 on a CPU: half the time of one full product
-    (measured on 7168 tokens × 1537: 0.44 s against 0.97 s on one thread), where float64 would double it."""
+    (`block` columns at a time) and mirrored below: about half the multiply-adds of one full product."""
     n = x.shape[1]
     gram = x.new_empty(n, n)
     for start in range(0, n, block):
