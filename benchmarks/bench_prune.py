@@ -2,7 +2,7 @@
 (random and kl path criteria, the random path with `--compensation lstsq` too), and AMP scoring throughput
 relative to a plain forward pass.
 
-    MOP_DATA_DIR=../shared/data python benchmarks/bench_prune.py [--only NAME] [--redo]
+    MOP_DATA_DIR=../shared/data python benchmarks/bench_prune.py [--only NAME ...] [--redo]
 
 Each case's result is cached in docs/benchmarks/prune.json as soon as it finishes, so an interrupted run
 carries on where it stopped; docs/benchmarks/prune.md is rewritten from that file every time.
@@ -36,6 +36,10 @@ CASES = {
     # issue 27: the same runs with every cut repaired in closed form (one more calibration pass a step)
     "prune-random-lstsq": PRUNE + ["--compensation", "lstsq"],
     "prune-random-seed4-lstsq": [*PRUNE[:-1], "4", "--compensation", "lstsq"],
+    # the small recipe's layer criterion: block influence runs a calibration pass every step, so a depth step's
+    # repair pass is an extra pass, not the only one (third_to_last's depth steps run none)
+    "prune-random-bi": PRUNE + ["--layer-criterion", "block_influence"],
+    "prune-random-bi-lstsq": PRUNE + ["--layer-criterion", "block_influence", "--compensation", "lstsq"],
     "prune-kl": PRUNE + ["--path-criterion", "kl", "--tune-steps", "1", "--tune-batch-size", "2",
                          "--tune-micro-batch-size", "2", "--tune-max-length", "128", "--path-samples", "32",
                          "--path-max-length", "128"],
@@ -117,6 +121,12 @@ def write_report(results: dict) -> None:
             lines.append(f"| {name} | {r['seconds'] / 60:.1f} min | {r['peak_rss_bytes'] / 2**20:.0f} MiB | "
                          f"{r['peak_rss_bytes'] / model_bytes:.2f}× | {extra:.2f}× | `{r['path']}` |")
     lines += [f"\n{name}: {results[name]['note']}" for name in CASES if "note" in results.get(name, {})]
+    repaired = [(name.removesuffix("-lstsq"), name) for name in CASES
+                if name.endswith("-lstsq") and name in results and name.removesuffix("-lstsq") in results]
+    if repaired:
+        lines += ["", "The repair's cost (issue 27's goal: at most 1.5× the same run without it): " + "; ".join(
+            f"{name} {results[name]['seconds'] / results[plain]['seconds']:.2f}× {plain}" for plain, name in repaired)
+                  + "."]
     lines += ["", "Commands:", ""] + [f"- {name}: `{results[name]['command']}`" for name in CASES if name in results]
     if "amp" in results:
         a = results["amp"]
@@ -130,7 +140,7 @@ def write_report(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=[*CASES, "amp"])
+    parser.add_argument("--only", choices=[*CASES, "amp"], action="append", help="these cases only (repeatable)")
     parser.add_argument("--redo", action="store_true", help="measure again even if a result is cached")
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +149,7 @@ def main() -> None:
                            f"{torch.__version__}, {torch.get_num_threads()} threads",
                    model_bytes=134_515_008 * 4)
     results.setdefault("import_baseline_bytes", import_baseline())
-    for name in [args.only] if args.only else [*CASES, "amp"]:
+    for name in args.only or [*CASES, "amp"]:
         if name in results and not args.redo:
             continue
         print(f"measuring {name} ...", flush=True)

@@ -8,9 +8,10 @@ target the size, path, perplexities and the mean reconstruction errors, and the 
 the cells whose file is missing. Checkpoints go to `runs/compensation/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_compensation.py [--only LABEL ...] [--device cuda]
-                                                                        [--workers N] [--recover kd24]
+                                                                        [--workers N] [--recover kd24] [--tasks N]
 
-`--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again.
+`--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again;
+`--tasks N` adds the four tasks on their first N documents to every finished cell whose checkpoints are still here.
 
 Everything but the compensation and the calibration text is the defaults of `mop prune` (the paper's AMP on
 128 prompts of at most 512 tokens), as in the quality study's rows (docs/RESULTS.md), so a compensated row
@@ -34,6 +35,7 @@ MODEL = "smollm2-135m"
 TARGETS = (0.2, 0.3, 0.4)
 SEGMENTS = (8, 32)
 CALIBRATIONS = ("alpaca", "c4", "wikitext2-valid")
+TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 
 # label stem → (SearchConfig fields, seeds)
 METHODS = {
@@ -75,13 +77,22 @@ def cells() -> dict[str, dict]:
         found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**repaired, "calib_samples": 32, **FIRST_RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**repaired, "calib_samples": 32, **RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-r0.1-d0.001"] = {**repaired, **RIDGES}
+    # the mixture with a scored path: the path criterion compares the repaired candidates by their KL from the
+    # dense model on held-out text (C4, not the calibration text), untuned (the short tuning off)
+    scored = {"layer_criterion": "block_influence", "path_criterion": "kl", "tune_steps_per_iteration": 0,
+              "path_data": "c4", "path_samples": 32, "path_max_length": 256, "compensation": "lstsq",
+              "calib": "wikitext2-valid", **RIDGES}
+    found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**scored, "calib_samples": 32}
+    found["mop-bi-kl-lstsq-wikitext2-valid-r0.1-d0.001"] = scored
     return found
 
 
 def command(fields: dict, targets: tuple[float, ...] = TARGETS) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
                "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge",
-               "compensation_depth_ridge": "--compensation-depth-ridge", "calib_samples": "--calib-samples"}
+               "compensation_depth_ridge": "--compensation-depth-ridge", "calib_samples": "--calib-samples",
+               "path_criterion": "--path-criterion", "tune_steps_per_iteration": "--tune-steps",
+               "path_data": "--path-data", "path_samples": "--path-samples", "path_max_length": "--path-max-length"}
     return f"mop prune {MODEL} " + " ".join(f"--target {t}" for t in targets) + " " + " ".join(f"{options[k]} {v}" for k, v in fields.items()) + " --out DIR"
 
 
@@ -146,6 +157,25 @@ def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...], 
     return result
 
 
+def task_cell(label: str, limit: int) -> None:
+    """The four tasks on the first `limit` documents of each, for each checkpoint of cell `label` that lacks them
+    (the record is rewritten after each)."""
+    from mop.evaluation.harness import accuracy, paper_average
+    from mop.models import load_model
+
+    path = DOCS / f"{label}.json"
+    result = json.loads(path.read_text())
+    for name, measured in result["targets"].items():
+        checkpoint = RUNS / label / name
+        if measured.get("tasks_limit") == limit or not checkpoint.is_dir():
+            continue
+        tasks = accuracy(load_model(str(checkpoint)), list(TASKS), limit, batch_size=8)
+        measured |= {"tasks": tasks, "average": paper_average(tasks)[0], "tasks_limit": limit}
+        path.with_suffix(".partial").write_text(json.dumps(result, indent=1))
+        os.replace(path.with_suffix(".partial"), path)
+        print(label, name, f"average {100 * measured['average']:.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", action="append", default=[])
@@ -154,10 +184,17 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=TARGETS, help="a first pass at fewer targets")
     parser.add_argument("--recover", choices=sorted(RECOVERIES), default=None,
                         help="also recover every target by this budget and measure it")
+    parser.add_argument("--tasks", type=int, metavar="N",
+                        help="only add the four tasks on their first N documents to the finished cells")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     targets = tuple(args.targets)
     DOCS.mkdir(parents=True, exist_ok=True)
+    if args.tasks:
+        for label in cells():
+            if (not args.only or label in args.only) and (DOCS / f"{label}.json").exists():
+                task_cell(label, args.tasks)
+        return
     todo = {k: v for k, v in cells().items()
             if (not args.only or k in args.only) and not done(k, targets, args.recover)}
     if args.worker is None and args.workers > 1:

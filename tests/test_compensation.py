@@ -15,7 +15,7 @@ from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
 from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut,
-                                      depth_repair, refit_columns, symmetric_gram, width_repair)
+                                      _Moments, depth_repair, refit_columns, width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
@@ -327,8 +327,14 @@ def test_llava_language_model_is_repaired_and_its_vision_tower_kept(tmp_path, to
     assert errors["lstsq"] < errors["none"], errors
 
 
-def test_symmetric_gram_is_the_full_product_and_exactly_symmetric():
+def test_moments_gather_rows_into_the_full_product_exactly_symmetric(monkeypatch):
+    monkeypatch.setattr("mop.pruning.compensation.GRAM_ROWS", 16)  # batches of 7 rows: products of 21, 21 and a tail of 8
+    monkeypatch.setattr("mop.pruning.compensation.GRAM_BLOCK", 8)  # 37 columns = 4 blocks of 8 and a tail of 5
     x = torch.randn(50, 37, generator=torch.Generator().manual_seed(0))
-    gram = symmetric_gram(x, block=8)  # 37 = 4 blocks of 8 and a tail of 5
-    torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-5)
-    assert torch.equal(gram, gram.T)
+    moments = _Moments(37, bias=True)
+    for start in range(0, 50, 7):
+        moments.add(x[start:start + 7])
+    full = torch.cat([x, torch.ones(50, 1)], 1).double()
+    assert moments.tokens == 50
+    torch.testing.assert_close(moments.mean, full.T @ full / 50, rtol=1e-5, atol=1e-5)
+    assert torch.equal(moments.gram, moments.gram.T)

@@ -25,7 +25,7 @@ shapes.
 
 Both read the model being cut (its activations are the inputs and its outputs the targets). A width cut's
 Grams are recorded during the width criterion's own pass over the calibration batches when every layer's fit
-in `GRAM_BYTES` together (`recorded_width_moments`; SmolLM2: 0.65 GB); otherwise, and for a depth cut, a
+in `GRAM_BYTES` together (`recorded_width_moments`; SmolLM2: 0.91 GB); otherwise, and for a depth cut, a
 forward pass of their own stops after the last layer it needs, one chunk of modules within `GRAM_BYTES` at a
 time, so a 7B layer's MLP Gram (1 GB) is held alone. A repair is computed first (`Repair`) and applied to any
 structural copy of the model it was computed on, before the cut.
@@ -48,7 +48,8 @@ METHODS = ("none", "lstsq")
 GRAM_BYTES = 1 << 30  # bound on the float64 Grams held during one calibration pass
 DEFAULT_RIDGE = 1e-1  # width re-fits (docs/design.md "Ridge": measured best of 1e-3 to 1)
 DEFAULT_DEPTH_RIDGE = 1e-4  # depth re-fits (measured best of 1e-5 to 1)
-GRAM_BLOCK = 256  # columns per product in `symmetric_gram`
+GRAM_BLOCK = 256  # columns per product in `add_upper_gram`
+GRAM_ROWS = 1024  # calibration tokens gathered before one Gram product (docs/design.md "Cost")
 
 
 @dataclass(frozen=True)
@@ -85,36 +86,54 @@ class _Stop(Exception):
     """Raised by a hook once the last layer a pass needs has run."""
 
 
-def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """xᵀx [n, n] for `x` [N, n], exactly symmetric: only the blocks on and above the diagonal are multiplied
-    (`block` columns at a time) and mirrored below: about half the multiply-adds of one full product."""
+def add_upper_gram(total: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add xᵀx for `x` [N, n] (float32) to the blocks of `total` [n, n] (float64) on and above the diagonal,
+    `block` columns at a time: about half the multiply-adds of the full product. `mirrored` completes it."""
     n = x.shape[1]
-    gram = x.new_empty(n, n)
     for start in range(0, n, block):
-        stop = start + block
-        gram[start:stop, start:] = x[:, start:stop].T @ x[:, start:]
-        gram[stop:, start:stop] = gram[start:stop, stop:].T
-        diagonal = gram[start:stop, start:stop]
-        gram[start:stop, start:stop] = diagonal.triu() + diagonal.triu(1).T
-    return gram
+        total[start:start + block, start:] += x[:, start:start + block].T @ x[:, start:]
+
+
+def mirrored(upper: torch.Tensor) -> torch.Tensor:
+    """The exactly symmetric matrix whose upper triangle is `upper`'s [n, n]."""
+    return upper.triu() + upper.triu(1).T
 
 
 class _Moments:
-    """Running sums over real tokens of x xᵀ (with a constant input appended when `bias`), float64, on the
-    device of the activations."""
+    """Running sums over real tokens of x xᵀ (with a constant input appended when `bias`), on the device of the
+    activations. Rows are gathered until there are GRAM_ROWS, then multiplied at once in float32 (the upper blocks,
+    `add_upper_gram`) and summed in float64: fewer, larger products than one a batch."""
 
     def __init__(self, size: int, bias: bool):
         self.size, self.bias = size, bias
-        self.gram: torch.Tensor | None = None
+        self.upper: torch.Tensor | None = None  # float64 [n, n], filled on and above the diagonal
+        self.pending: list[torch.Tensor] = []  # rows not multiplied yet, float32 [N_i, n]
+        self.pending_rows = 0
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:  # x [N, size]
         if self.bias:
             x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-        if self.gram is None:
-            self.gram = torch.zeros(self.size + self.bias, self.size + self.bias, dtype=torch.float64, device=x.device)
-        self.gram += symmetric_gram(x.float())  # one batch's product in float32, summed in float64
+        self.pending.append(x.float())
+        self.pending_rows += len(x)
         self.tokens += len(x)
+        if self.pending_rows >= GRAM_ROWS:
+            self._multiply_pending()
+
+    def _multiply_pending(self) -> None:
+        if not self.pending:
+            return
+        x = torch.cat(self.pending)
+        self.pending, self.pending_rows = [], 0
+        if self.upper is None:
+            self.upper = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        add_upper_gram(self.upper, x, GRAM_BLOCK)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Σ x xᵀ over every row added, float64 [n (+1), n (+1)], exactly symmetric."""
+        self._multiply_pending()
+        return mirrored(self.upper)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -197,7 +216,8 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     c_kk, c_kr = gram[keep][:, keep], gram[keep][:, cut]
     lam = ridge * c_kk.diagonal().mean().clamp_min(1e-12)
     system = c_kk + lam * torch.eye(len(c_kk), dtype=gram.dtype, device=gram.device)
-    correction = _solve_spd(system, c_kr @ weight[:, cut].T).T  # W_R C_RK (C_KK + λI)⁻¹, [out, |K|]
+    # W_R C_RK (C_KK + λI)⁻¹ [out, |K|], solved for the |R| cut columns' right-hand sides, not the out rows
+    correction = weight[:, cut] @ _solve_spd(system, c_kr).T
     repaired = torch.zeros_like(weight)
     repaired[:, keep] = weight[:, keep] + correction
     energy = max(_output_energy(weight, gram), 1e-300)
@@ -226,7 +246,8 @@ def _width_consumers(model: nn.Module, adapter: DecoderAdapter) -> dict[str, nn.
 
 
 def _gram_bytes(linear: nn.Linear) -> int:
-    return 8 * (linear.in_features + 1) ** 2
+    """What one module's `_Moments` holds at most: the float64 Gram and GRAM_ROWS float32 rows."""
+    return 8 * (linear.in_features + 1) ** 2 + 4 * GRAM_ROWS * (linear.in_features + 1)
 
 
 @contextmanager
@@ -336,7 +357,7 @@ def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
              (layers[index + count - 1], "post", lambda x_in, x_out: read_delta(run_input[0], x_out))]
     _calibration_pass(model, batches, hooks)
     n = max(h_moments.tokens, 1)
-    c_hh, c_dh = h_moments.gram / n, cross[0] / n
+    c_hh, c_dh = h_moments.mean, cross[0] / n
     lam = settings.depth_ridge * c_hh.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
     correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
