@@ -77,13 +77,12 @@ def cells() -> dict[str, dict]:
         found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**repaired, "calib_samples": 32, **FIRST_RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**repaired, "calib_samples": 32, **RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-r0.1-d0.001"] = {**repaired, **RIDGES}
-    # the mixture with a scored path: the path criterion compares the repaired candidates by their KL from the
-    # dense model on held-out text (C4, not the calibration text), untuned (the short tuning off)
-    scored = {"layer_criterion": "block_influence", "path_criterion": "kl", "tune_steps_per_iteration": 0,
-              "path_data": "c4", "path_samples": 32, "path_max_length": 256, "compensation": "lstsq",
-              "calib": "wikitext2-valid", **RIDGES}
-    found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**scored, "calib_samples": 32}
-    found["mop-bi-kl-lstsq-wikitext2-valid-r0.1-d0.001"] = scored
+    # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
+    # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
+    found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
+        "layer_criterion": "block_influence", "path_criterion": "kl", "tune_steps_per_iteration": 0,
+        "path_data": "c4", "path_samples": 32, "path_max_length": 256, "compensation": "lstsq",
+        "calib": "wikitext2-valid", "calib_samples": 32, **RIDGES}
     return found
 
 
@@ -110,13 +109,14 @@ def target_name(target: float) -> str:
     return f"target-{round(100 * target)}"
 
 
-def recover(checkpoint: Path, recovery: str, device: str, segments: list) -> dict:
-    """Recover `checkpoint` by RECOVERIES[recovery] (into a sibling folder) and measure its perplexity."""
+def recover(checkpoint: Path, recovery: str, device: str, segments: list, recoveries: dict = RECOVERIES) -> dict:
+    """Recover `checkpoint` by `recoveries[recovery]` (into a sibling folder `<name>-<recovery>`) and measure its
+    perplexity on the first n of `segments` for each n in SEGMENTS."""
     from mop.evaluation.perplexity import segments_perplexity
     from mop.models import load_model
     from mop.training.recovery import FinetuneConfig, finetune, recovery_lora
 
-    fields = dict(RECOVERIES[recovery])
+    fields = dict(recoveries[recovery])
     config = FinetuneConfig(**{k: v for k, v in fields.items() if k != "lora"},
                             lora=recovery_lora(str(checkpoint), **fields["lora"]))
     out = checkpoint.with_name(f"{checkpoint.name}-{recovery}")
@@ -124,6 +124,20 @@ def recover(checkpoint: Path, recovery: str, device: str, segments: list) -> dic
     model = load_model(str(out), device=device).model
     return {"settings": fields, "seconds": record["seconds"], "last_loss": record["losses"][-1],
             **{f"ppl{n}": segments_perplexity(model, segments[:n]) for n in SEGMENTS}}
+
+
+def recover_cell(label: str, targets: tuple[float, ...], recovery: str, device: str) -> dict:
+    """The record of a pruned cell with its checkpoints at `targets` recovered by `recovery` and measured."""
+    from mop import data
+    from mop.models import load_model
+
+    result = json.loads((DOCS / f"{label}.json").read_text())
+    segments = data.text_segments(load_model(MODEL).tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
+    for target in targets:
+        measured = result["targets"][target_name(target)]
+        measured["recovered"] = {**measured.get("recovered", {}),
+                                 recovery: recover(RUNS / label / target_name(target), recovery, device, segments)}
+    return result
 
 
 def run_cell(label: str, fields: dict, device: str, targets: tuple[float, ...], recovery: str | None) -> dict:
@@ -211,7 +225,10 @@ def main() -> None:
         if args.worker is not None and index % args.workers != args.worker:
             continue
         try:
-            result = run_cell(label, fields, args.device, targets, args.recover)
+            if done(label, targets, None) and all((RUNS / label / target_name(t)).is_dir() for t in targets):
+                result = recover_cell(label, targets, args.recover, args.device)  # pruned: recover only
+            else:
+                result = run_cell(label, fields, args.device, targets, args.recover)
         except Exception as error:  # one failed cell does not stop the others; it is rerun next time
             print(f"{label}: failed: {error!r}", flush=True)
             continue

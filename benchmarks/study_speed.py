@@ -1,7 +1,8 @@
 """The equal-speed study of issue 28 on SmolLM2-135M, no recovery: every method stopped at the same predicted
 speedups (`--target-speedup 1.25 1.4 1.6`) by one latency model of this CPU, then WikiText-2 perplexity by the
-standard protocol on the first 8 and 32 segments, and on request the measured speedup (`--bench`) and the four
-tasks (`--tasks N`: the first N documents of each).
+standard protocol on the first 8 and 32 segments, and on request the measured speedup (`--bench`), the four
+tasks (`--tasks N`: the first N documents of each) and the perplexity after the quality study's recovery
+(`--recover study32 [--speeds S ...]`).
 
 Every method runs with the small recipe's pruning settings (block influence for the search's layers, the
 closed-form repair, WikiText-2 validation text) on the README job's 32 calibration prompts, so the rows differ
@@ -15,6 +16,7 @@ measured speedups, size, path, perplexities, accuracies). A rerun computes only 
 without a record, then the timings and tasks the records lack. Checkpoints go to `runs/speed/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--only LABEL ...] [--bench] [--tasks N]
+                                                                 [--recover study32 [--speeds S ...]]
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ CELLS = {
     **{f"mop-bi-s{seed}": {"layer_criterion": "block_influence", "seed": seed} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
+# recovery name → FinetuneConfig fields: the quality study's (benchmarks/study_quality.py: LoRA SFT on Alpaca, 32
+# steps of 16 rows of at most 256 tokens, the paper's learning rate)
+RECOVERIES = {"study32": {"max_steps": 32, "lora": {"batch_size": 16, "micro_batch_size": 8, "max_length": 256,
+                                                    "activation_checkpointing": False}}}
 
 
 def command(fields: dict) -> str:
@@ -145,6 +151,22 @@ def task_cell(result: dict, limit: int) -> None:
         save(result)
 
 
+def recover_cell(result: dict, recovery: str, speedups: list[float]) -> None:
+    """Recover each checkpoint of `result` at `speedups` by RECOVERIES[recovery] and measure its perplexity."""
+    from mop import data
+    from mop.models import load_model
+    from study_compensation import recover  # this folder's runner of the compensation study
+
+    segments = data.text_segments(load_model(MODEL).tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
+    for speedup in speedups:
+        measured = result["speeds"][speed_name(speedup)]
+        if recovery in measured.get("recovered", {}):
+            continue
+        checkpoint = RUNS / result["label"] / speed_name(speedup)
+        measured.setdefault("recovered", {})[recovery] = recover(checkpoint, recovery, "cpu", segments, RECOVERIES)
+        save(result)
+
+
 def write_report() -> None:
     """docs/study/speed/README.md: per speed, every cell's row from the records."""
     from mop.evaluation.tasks import PAPER_METRIC
@@ -156,8 +178,9 @@ def write_report() -> None:
     for speedup in SPEEDUPS:
         name = speed_name(speedup)
         lines += [f"## {speedup}x", "", "| cell | path | compression | predicted speedup | measured speedup | "
-                  "WikiText-2 (8 / 32 segments) | ARC-e | HellaSwag | PIQA | WinoGrande | average |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "WikiText-2 (8 / 32 segments) | ARC-e | HellaSwag | PIQA | WinoGrande | average | "
+                  "WikiText-2 after the study's recovery (8 / 32) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for record in records:
             row = record["speeds"][name]
             measured = (f"{row['measured_speedup']:.3f} ± {row['measured_speedup_std']:.3f}"
@@ -166,9 +189,11 @@ def write_report() -> None:
             accuracy = [f"{100 * tasks[t][PAPER_METRIC.get(t, 'acc_norm')]:.1f}" if t in tasks else "—"
                         for t in TASKS]
             average = f"{100 * row['average']:.1f}" if row.get("average") is not None else "—"
+            recovered = row.get("recovered", {}).get("study32")
+            recovered = f"{recovered['ppl8']:.2f} / {recovered['ppl32']:.2f}" if recovered else "—"
             lines.append(f"| {record['label']} | `{row['path']}` | {100 * row['compression']:.1f}% | "
                          f"{row['predicted_speedup']:.3f} | {measured} | {row['ppl8']:.2f} / {row['ppl32']:.2f} | "
-                         + " | ".join(accuracy) + f" | {average} |")
+                         + " | ".join(accuracy) + f" | {average} | {recovered} |")
         lines.append("")
     (DOCS / "README.md").write_text("\n".join(lines))
 
@@ -184,6 +209,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="a cell's label (repeatable)")
     parser.add_argument("--bench", action="store_true", help="also time every checkpoint (needs a quiet machine)")
     parser.add_argument("--tasks", type=int, metavar="N", help="also the four tasks on their first N documents")
+    parser.add_argument("--recover", choices=sorted(RECOVERIES), help="also recover the checkpoints and measure them")
+    parser.add_argument("--speeds", type=float, nargs="+", default=list(SPEEDUPS), help="the speeds --recover recovers")
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
     for label, fields in CELLS.items():
@@ -197,7 +224,7 @@ def main() -> None:
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
-        if args.bench or args.tasks:
+        if args.bench or args.tasks or args.recover:
             if not (RUNS / label).is_dir():
                 print(f"{label}: its checkpoints are gone (runs/speed/{label}); remove its record to prune again")
                 continue
@@ -205,6 +232,8 @@ def main() -> None:
             bench_cell(result)
         if args.tasks:
             task_cell(result, args.tasks)
+        if args.recover:
+            recover_cell(result, args.recover, args.speeds)
     write_report()
 
 
