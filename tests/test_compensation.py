@@ -328,8 +328,8 @@ def test_llava_language_model_is_repaired_and_its_vision_tower_kept(tmp_path, to
 
 
 def test_moments_gather_rows_into_the_full_product_exactly_symmetric(monkeypatch):
-    monkeypatch.setattr("mop.pruning.compensation.GRAM_ROWS", 16)  # batches of 7 rows: products of 21, 21 and a tail of 8
-    monkeypatch.setattr("mop.pruning.compensation.GRAM_BLOCK", 8)  # 37 columns = 4 blocks of 8 and a tail of 5
+    monkeypatch.setattr("mop.pruning.compensation.GRAM_ROWS", 16)  # adds of 7 rows: products of 21, 21, 8
+    monkeypatch.setattr("mop.pruning.compensation.GRAM_BLOCK", 8)  # 38 columns = 4 blocks of 8 and a tail of 6
     x = torch.randn(50, 37, generator=torch.Generator().manual_seed(0))
     moments = _Moments(37, bias=True)
     for start in range(0, 50, 7):

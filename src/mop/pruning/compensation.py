@@ -45,7 +45,7 @@ from mop.models import DecoderAdapter, input_device
 from mop.pruning.surgery import prune_width, remove_layer
 
 METHODS = ("none", "lstsq")
-GRAM_BYTES = 1 << 30  # bound on the float64 Grams held during one calibration pass
+GRAM_BYTES = 1 << 30  # bound on what the Grams of one calibration pass hold (`_gram_bytes`)
 DEFAULT_RIDGE = 1e-1  # width re-fits (docs/design.md "Ridge": measured best of 1e-3 to 1)
 DEFAULT_DEPTH_RIDGE = 1e-4  # depth re-fits (measured best of 1e-5 to 1)
 GRAM_BLOCK = 256  # columns per product in `add_upper_gram`
@@ -126,7 +126,8 @@ class _Moments:
         x = torch.cat(self.pending)
         self.pending, self.pending_rows = [], 0
         if self.upper is None:
-            self.upper = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            n = self.size + self.bias
+            self.upper = torch.zeros(n, n, dtype=torch.float64, device=x.device)
         add_upper_gram(self.upper, x, GRAM_BLOCK)
 
     @property
