@@ -132,15 +132,15 @@ def check_reachable(loaded: LoadedModel, config: SearchConfig, latency: LatencyM
     goals = Goals(loaded, config.compression_of, latency)
     original, uncounted = goals.original_params, goals.uncounted
     units = config.alignment.units(shape, adapter.kv_head_counts(model))
-    floor = fewest_params(config.mode, shape, len(layers), layer_params(layers[0]), original, units)
+    step = None if latency is None else lambda n: latency_step(latency, goals.dense, n)  # width matched in latency
+    floor = fewest_params(config.mode, shape, len(layers), layer_params(layers[0]), original, units, step)
     for target in config.targets:
         if floor > goals.goal(target):
             raise MopError(f"target {target} cannot be reached in mode {config.mode}: at most "
                            f"{1 - (floor - uncounted) / (original - uncounted):.4f} "
                            f"({MEASURES[config.compression_of]})")
     if latency is not None:
-        smallest = smallest_shape(config.mode, goals.dense, shape, lambda n: latency_step(latency, goals.dense, n),
-                                  units)
+        smallest = smallest_shape(config.mode, goals.dense, shape, step, units)
         goals.check_speedups(config.speedups, smallest, f"mode {config.mode}")
 
 
@@ -426,20 +426,26 @@ class Search:
 
 
 def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total: int,
-                  units: WidthUnits = WidthUnits()) -> int:
+                  units: WidthUnits = WidthUnits(), step: Callable[[int], StepCosts] | None = None) -> int:
     """The smallest parameter count a search in `mode` reaches from a model of `total` parameters with
     `n_layers` layers of `shape` and `layer` parameters each (shape arithmetic, no weights). Depth keeps two
     layers. Width shrinks every layer as far as the planner goes (`width_floor`: on coarse GQA shapes, where one
-    group out of every layer costs more than a layer, attention is never pruned). The mixture takes depth steps
+    group out of every layer costs more than a layer, attention is never pruned; with `step`, a run with speed
+    targets, as far as width steps of `step(n_layers)`, matched in latency, go). The mixture takes depth steps
     down to two layers (a width step that can remove nothing forces one), then width steps on those two."""
     rest = total - n_layers * layer
     fixed = layer - shape.attention_params - shape.mlp_params  # norms, o_proj / down_proj biases
+
+    def thinnest(n: int) -> int:  # the parameters of a layer as narrow as width steps on n layers leave it
+        if step is None:
+            return width_floor(shape, n, fixed, units)
+        narrow = narrowest(shape, n, step(n), units)
+        return fixed + narrow.attention_params + narrow.mlp_params
+
     kept = min(2, n_layers)
     if mode == "depth":
         return rest + kept * layer
-    if mode == "width":
-        return rest + n_layers * width_floor(shape, n_layers, fixed, units)
-    return rest + kept * width_floor(shape, kept, fixed, units)
+    return rest + (n_layers if mode == "width" else kept) * thinnest(n_layers if mode == "width" else kept)
 
 
 def latency_step(latency: LatencyModel, dense: ModelShape, n_layers: int) -> StepCosts:
