@@ -135,8 +135,9 @@ def recover_cell(label: str, targets: tuple[float, ...], recovery: str, device: 
     segments = data.text_segments(load_model(MODEL).tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
     for target in targets:
         measured = result["targets"][target_name(target)]
-        measured["recovered"] = {**measured.get("recovered", {}),
-                                 recovery: recover(RUNS / label / target_name(target), recovery, device, segments)}
+        if recovery not in measured.get("recovered", {}):
+            measured["recovered"] = {**measured.get("recovered", {}),
+                                     recovery: recover(RUNS / label / target_name(target), recovery, device, segments)}
     return result
 
 

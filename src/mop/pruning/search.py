@@ -442,10 +442,8 @@ def fewest_params(mode: str, shape: LayerShape, n_layers: int, layer: int, total
         narrow = narrowest(shape, n, step(n), units)
         return fixed + narrow.attention_params + narrow.mlp_params
 
-    kept = min(2, n_layers)
-    if mode == "depth":
-        return rest + kept * layer
-    return rest + (n_layers if mode == "width" else kept) * thinnest(n_layers if mode == "width" else kept)
+    kept = n_layers if mode == "width" else min(2, n_layers)
+    return rest + kept * (layer if mode == "depth" else thinnest(kept))
 
 
 def latency_step(latency: LatencyModel, dense: ModelShape, n_layers: int) -> StepCosts:
