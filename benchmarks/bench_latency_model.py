@@ -1,14 +1,15 @@
 """Latency model benchmark (issue 28): the latency model of this machine fitted for SmolLM2-135M (`mop.latency.model`:
 seven random-weight shapes timed by the protocol), then for the dense model
 and each given checkpoint its predicted end-to-end speedup and decode time against the protocol's measurement
-(`mop.latency.benchmark` against the dense model, runs alternating).
+(`mop.latency.benchmark` against the dense model, runs alternating; with `--engine vllm`, `mop bench --engine
+vllm`'s `benchmark_vllm`).
 
-    MOP_DATA_DIR=../shared/data python benchmarks/bench_latency_model.py [CKPT ...] [--threads N] [--runs 8]
-        [--warmup 2] [--fit-runs 5] [--fit-warmup 2] [--redo]
+    MOP_DATA_DIR=../shared/data python benchmarks/bench_latency_model.py [CKPT ...] [--engine vllm] [--threads N]
+        [--runs 8] [--warmup 2] [--fit-runs 5] [--fit-warmup 2] [--redo]
 
 Each cell (the fit, the dense model, each checkpoint by its path as given) is cached in
-docs/benchmarks/latency_model.json as soon as it finishes, so a rerun computes only the missing cells (`--redo`:
-all of them); docs/benchmarks/latency_model.md is rewritten from that file every time.
+docs/benchmarks/latency_model.json (`latency_model_vllm.json` for vLLM) as soon as it finishes, so a rerun computes
+only the missing cells (`--redo`: all of them); the `.md` beside it is rewritten from that file every time.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ import torch
 from mop.latency import LatencyModel, LatencySettings, benchmark, checkpoint_shape, measure, measure_latency_model
 from mop.latency.model import FIT_SETTINGS, ModelShape, model_shape
 from mop.latency.protocol import describe_device
+from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm
 from mop.models import LoadedModel, load_model
 from mop.provenance import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "benchmarks" / "latency_model.json"
-REPORT = ROOT / "docs" / "benchmarks" / "latency_model.md"
+RESULTS = {"transformers": ROOT / "docs" / "benchmarks" / "latency_model.json",
+           "vllm": ROOT / "docs" / "benchmarks" / "latency_model_vllm.json"}
 DENSE = "smollm2-135m"
 QUIET_LOAD = 3.0  # 1-minute load average at or below which a cell ran alone on the 2-core machine
 
 
-def fit_cell(dense: LoadedModel, settings: LatencySettings) -> dict:
+def fit_cell(dense: LoadedModel, settings: LatencySettings, engine: str) -> dict:
     config = dense.adapter.text_config(dense.model)
-    return measure_latency_model(config, settings, refresh=True).record()
+    return measure_latency_model(config, settings, engine=engine, tokenizer=dense.tokenizer, refresh=True).record()
 
 
 def predictions(model: LatencyModel, dense: LoadedModel, shape: ModelShape) -> dict:
@@ -47,25 +49,37 @@ def predictions(model: LatencyModel, dense: LoadedModel, shape: ModelShape) -> d
             "end_to_end_s": model.seconds(shape), "decode_s": model.decode_seconds(shape)}
 
 
-def dense_cell(model: LatencyModel, dense: LoadedModel, settings: LatencySettings) -> dict:
+def vllm_settings(settings: LatencySettings) -> VllmBenchSettings:
+    """`mop bench --engine vllm`'s settings with `settings`' runs; the throughput at a batch, which the latency model
+    does not predict, at its smallest (3 runs of one request)."""
+    return VllmBenchSettings(settings, batch=1, batch_runs=3)
+
+
+def dense_cell(model: LatencyModel, dense: LoadedModel, settings: LatencySettings, engine: str) -> dict:
     """The dense model timed alone against its predicted times."""
     shape = model_shape(dense.model, dense.adapter)
-    timed = measure({"dense": dense.model}, dense.tokenizer, settings)["dense"]
+    if engine == "vllm":
+        timed = benchmark_vllm(DENSE, None, vllm_settings(settings))["models"]["candidate"]
+    else:
+        timed = measure({"dense": dense.model}, dense.tokenizer, settings)["dense"]
     return {"shape": asdict(shape), "load_average": os.getloadavg(),
             "measured": {"end_to_end_s": timed["end_to_end_s"]["mean"],
                          "decode_s": timed["decode_ms_per_token"]["mean"] / 1000},
             "predicted": predictions(model, dense, shape)}
 
 
-def checkpoint_cell(model: LatencyModel, dense: LoadedModel, directory: str, settings: LatencySettings) -> dict:
+def checkpoint_cell(model: LatencyModel, dense: LoadedModel, directory: str, settings: LatencySettings,
+                    engine: str) -> dict:
     """A checkpoint timed against the dense model (the protocol's speedup) against its predicted speedup and times."""
     shape = checkpoint_shape(directory)
-    candidate = load_model(directory)
-    record = benchmark(candidate, dense, settings)
+    if engine == "vllm":
+        record = benchmark_vllm(directory, DENSE, vllm_settings(settings))
+    else:
+        record = benchmark(load_model(directory), dense, settings)
     written_by_mop = Path(directory) / "mop.json"
     provenance = json.loads(written_by_mop.read_text()) if written_by_mop.is_file() else {}
     timed = record["models"]["candidate"]
-    return {"shape": asdict(shape), "params": timed["params"], "load_average": os.getloadavg(),
+    return {"shape": asdict(shape), "params": timed.get("params"), "load_average": os.getloadavg(),
             "method": provenance.get("method"), "path": provenance.get("path"),
             "compression": provenance.get("compression"),
             "measured": {"speedup": record["speedup"]["ratio_of_means"], "speedup_std": record["speedup"]["std"],
@@ -90,14 +104,18 @@ def noise(results: dict) -> str:
             "error below is the machine, not the model.")
 
 
-def write_report(results: dict) -> None:
+def write_report(results: dict, engine: str) -> None:
     fit = results["fit"]
     context = fit["context"]
     settings = results["settings"]
-    lines = ["# Latency model: predicted against measured (SmolLM2-135M, CPU)", "",
-             f"Machine: {context['device']}, {context['torch_threads']} torch thread(s), {context['dtype']}, "
-             f"torch {context['versions']['torch']}, transformers {context['versions']['transformers']}. Produced "
-             "by " + ", then ".join(f"`{c}`" for c in results["commands"]) + "; every number in latency_model.json.",
+    if engine == "vllm":
+        machine = f"{context['device']}, {context['dtype']}, vLLM {context['versions']['vllm']}"
+    else:
+        machine = (f"{context['device']}, {context['torch_threads']} torch thread(s), {context['dtype']}, torch "
+                   f"{context['versions']['torch']}, transformers {context['versions']['transformers']}")
+    lines = [f"# Latency model in {engine}: predicted against measured (SmolLM2-135M, CPU)", "",
+             f"Machine: {machine}. Produced by " + ", then ".join(f"`{c}`" for c in results["commands"])
+             + f"; every number in {RESULTS[engine].name}.",
              "", *([f"Checkpoints: {results['checkpoints_made_by']}", ""] if "checkpoints_made_by" in results else []),
              noise(results), ""]
     fitted = context["settings"]
@@ -139,12 +157,14 @@ def write_report(results: dict) -> None:
     if errors:
         lines += ["", f"Speedup error over the {len(errors)} checkpoints: worst {100 * max(map(abs, errors)):.1f}%, "
                       f"mean absolute {100 * sum(map(abs, errors)) / len(errors):.1f}% (the issue's goal: at most 5%)."]
-    REPORT.write_text("\n".join(lines) + "\n")
+    RESULTS[engine].with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoints", nargs="*", help="pruned checkpoint directories of SmolLM2-135M")
+    parser.add_argument("--engine", choices=sorted(RESULTS), default="transformers",
+                        help="what is timed: our greedy loop in transformers, or vLLM (its own environment)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -157,7 +177,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = LatencySettings(runs=args.runs, warmup=args.warmup, time_generate=False)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.redo else {}
+    path = RESULTS[args.engine]
+    results = json.loads(path.read_text()) if path.exists() and not args.redo else {}
     results.update(settings=asdict(settings), device=describe_device(torch.device("cpu")))
     results.setdefault("commands", []).append(" ".join(["MOP_DATA_DIR=../shared/data python "
                                                         "benchmarks/bench_latency_model.py", *sys.argv[1:]]))
@@ -165,13 +186,14 @@ def main() -> None:
     dense = load_model(DENSE)
 
     def save() -> None:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(RESULTS, results)
-        write_report(results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, results)
+        write_report(results, args.engine)
 
     if "fit" not in results or args.refit:
         print("fitting the latency model ...", flush=True)
-        results["fit"] = fit_cell(dense, replace(FIT_SETTINGS, runs=args.fit_runs, warmup=args.fit_warmup))
+        results["fit"] = fit_cell(dense, replace(FIT_SETTINGS, runs=args.fit_runs, warmup=args.fit_warmup),
+                                  args.engine)
         save()
     model = LatencyModel.from_record(results["fit"])
     if args.refit:
@@ -182,11 +204,11 @@ def main() -> None:
         if name in cells:
             continue
         print(f"timing {name} ...", flush=True)
-        cells[name] = dense_cell(model, dense, settings) if name == DENSE else checkpoint_cell(model, dense, name,
-                                                                                                settings)
+        cells[name] = (dense_cell(model, dense, settings, args.engine) if name == DENSE
+                       else checkpoint_cell(model, dense, name, settings, args.engine))
         save()
-    write_report(results)
-    print(REPORT.read_text())
+    write_report(results, args.engine)
+    print(path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 cache is read back and keyed by context, predicted speedups of real tiny checkpoints are ordered as measured,
 and bad input is refused."""
 
+import json
 from dataclasses import asdict, replace
 
 import pytest
@@ -171,6 +172,52 @@ def test_cache_is_read_back_and_keyed_by_device_dtype_and_engine(faked, tmp_path
     assert cache_path(context, tmp_path) != cache_path({**context, "engine": "vllm"}, tmp_path)
 
 
+def test_vllm_fit_reads_the_served_checkpoints_and_recovers_the_costs(tmp_path, monkeypatch, tokenizer):
+    """The vLLM engine without vLLM: a fake `time_in_vllm` reads each synthetic checkpoint's config.json (so the
+    checkpoints must be written with exactly their shapes, tokenizer included) and returns the worker's raw runs
+    from known costs, the warmup runs slowed down tenfold. The fit recovers the costs, so decode, prefill and
+    end-to-end are read from the right runs (decode = (end-to-end − first token) / (new_tokens − 1)), and the
+    warmup runs are dropped. The model is cached under its own engine's context."""
+    import mop.latency.vllm_bench as vllm_bench
+
+    first_token, prefill = 0.2, 3.0  # a 1-token request on the short and on the long prompt, in units of COSTS
+    served = []
+
+    def fake_time_in_vllm(directories, prompt, settings, dtype, python, prefill_prompt=None, max_model_len=512):
+        assert prompt == list(range(SETTINGS.prompt_tokens)) and len(prefill_prompt) == SETTINGS.prefill_tokens
+        raw = {}
+        for label, directory in directories.items():
+            config = json.loads((directory / "config.json").read_text())
+            assert (directory / "tokenizer.json").is_file() and config["dtype"] == dtype
+            shape = ModelShape(config["num_hidden_layers"], config["num_attention_heads"],
+                               config["num_key_value_heads"], config["head_dim"], config["intermediate_size"],
+                               config["hidden_size"], config["vocab_size"])
+            assert shape.label() == label
+            served.append(shape)
+            unit = COSTS.seconds(shape)
+            runs = [10.0] * settings.warmup + [1.0] * (settings.runs - settings.warmup)
+            raw[label] = {"first_token_s": [r * first_token * unit for r in runs],
+                          "end_to_end_s": [r * (first_token + settings.new_tokens - 1) * unit for r in runs],
+                          "prefill_s": [r * prefill * unit for r in runs]}
+        return {"raw": raw, "ok": True}
+
+    monkeypatch.setattr(vllm_bench, "time_in_vllm", fake_time_in_vllm)
+    monkeypatch.setattr(vllm_bench, "vllm_python", lambda: tmp_path / "python")
+    monkeypatch.setattr(vllm_bench, "vllm_version", lambda python=None: "0.0-fake")
+    config = tiny_config("mistral")
+    model = measure_latency_model(config, SETTINGS, engine="vllm", tokenizer=tokenizer, cache=tmp_path)
+    assert sorted(s.label() for s in set(served)) == sorted(s.label() for s in synthetic_shapes(config_shape(config)))
+    expected = {"decode": asdict(COSTS), "prefill": {k: prefill * v for k, v in asdict(COSTS).items()},
+                "end_to_end": {k: (first_token + SETTINGS.new_tokens - 1) * v for k, v in asdict(COSTS).items()}}
+    for quantity in QUANTITIES:
+        assert asdict(model.coefficients[quantity]) == pytest.approx(expected[quantity], rel=1e-9, abs=1e-12)
+    assert model.context["engine"] == "vllm" and model.context["versions"] == {"vllm": "0.0-fake"}
+    served_once = len(served)
+    again = measure_latency_model(config, SETTINGS, engine="vllm", tokenizer=tokenizer, cache=tmp_path)
+    assert again.record() == model.record() and len(served) == served_once  # read from the cache
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
 @pytest.fixture(scope="module")
 def depth_checkpoints(tmp_path_factory, tokenizer):
     """A random 8-layer LLaMA and its 4- and 2-layer versions, saved as checkpoints."""
@@ -216,7 +263,7 @@ def test_bad_input_is_refused():
         fit_latency_model(exact_timings(COSTS, [*shapes[:-1], replace(shapes[-1], hidden=32)]))
     with pytest.raises(MopError, match="not a model shape"):
         fit_latency_model(exact_timings(COSTS, [replace(shapes[0], heads=3), *shapes[1:]]))
-    with pytest.raises(MopError, match="not implemented for vLLM"):
+    with pytest.raises(MopError, match="needs the model's tokenizer"):
         measure_latency_model(config, SETTINGS, engine="vllm")
     with pytest.raises(MopError, match="unknown engine"):
         measure_latency_model(config, SETTINGS, engine="tensorrt")

@@ -134,6 +134,12 @@ def test_bad_speed_targets_are_refused_in_one_line_before_any_work(tiny_dirs, la
         SearchConfig(targets=[0.2], latency_model=str(latency_file())).validate()
     with pytest.raises(MopError, match="no such file"):
         SearchConfig(targets=[], speedups=[1.2], latency_model=str(tmp_path / "missing.json")).validate()
+    with pytest.raises(MopError, match="unknown latency engine"):
+        SearchConfig(targets=[], speedups=[1.2], latency_engine="tensorrt").validate()
+    for config in (SearchConfig(targets=[0.2], latency_engine="vllm"),
+                   SearchConfig(targets=[], speedups=[1.2], latency_model=str(latency_file()), latency_engine="vllm")):
+        with pytest.raises(MopError, match="--latency-engine measures the latency model of speed targets"):
+            config.validate()
 
 
 def test_a_compression_beside_a_speed_target_is_held_to_the_floor_of_latency_matched_steps(tiny_dirs, latency_file,
@@ -200,19 +206,24 @@ def test_a_timed_checkpoint_gets_its_measured_speedup_beside_the_predicted(tiny_
 def test_a_resume_predicts_with_the_latency_model_the_run_began_with(tiny_dirs, latency_file, tmp_path,
                                                                       monkeypatch):
     """Without --latency-model the run measures one (here faked, counted); run again with a target added, it
-    takes the record in run.json instead of measuring again (a cleared cache or a changed machine alike)."""
+    takes the record in run.json instead of measuring again (a cleared cache or a changed machine alike). Another
+    run with `--latency-engine vllm` measures its model with that engine."""
     import mop.pruning.targets
 
     measured = []
     fake = LatencyModel.from_record(json.loads(latency_file().read_text()))
     monkeypatch.setattr(mop.pruning.targets, "measure_latency_model",
-                        lambda config, device, dtype: measured.append((device, dtype)) or fake)
+                        lambda config, device, dtype, engine, tokenizer: measured.append((device, dtype, engine))
+                        or fake)
     out = tmp_path / "out"
-    prune = lambda *speedups: main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out), "--mode", "depth",
-                                    *(a for s in speedups for a in ("--target-speedup", s)), *SMALL])
-    assert prune("1.2") == 0 and measured == [("cpu", "float32")]
+    prune = lambda *speedups, out=out, more=(): main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out),
+                                                      "--mode", "depth", *more, *SMALL,
+                                                      *(a for s in speedups for a in ("--target-speedup", s))])
+    assert prune("1.2") == 0 and measured == [("cpu", "float32", "transformers")]
     assert prune("1.2", "1.5") == 0 and len(measured) == 1
     assert sorted(json.loads((out / "run.json").read_text())["targets"]) == ["speedup-120", "speedup-150"]
+    assert prune("1.2", out=tmp_path / "vllm", more=("--latency-engine", "vllm")) == 0
+    assert measured[1:] == [("cpu", "float32", "vllm")]
 
 
 def test_parameter_targets_are_unchanged(tiny_dirs, tmp_path):

@@ -233,3 +233,25 @@ def test_bench_in_vllm_refuses_without_vllm(tiny_dirs, tmp_path, monkeypatch, ca
     output = tmp_path / "bench.json"
     assert mop(["bench", str(tiny_dirs["llama-gqa"]), "--engine", "vllm", "--output", str(output)]) == 2
     assert "vLLM not found" in capsys.readouterr().err and not output.exists()
+
+
+def test_latency_model_in_vllm_is_fitted_on_served_shapes(vllm_python, tmp_path, tokenizer):
+    """`--latency-engine vllm`: the seven synthetic shapes served in vLLM, each timed for every quantity; the
+    record names vLLM's release, and a quarter of the layers is predicted faster, as timed (32 layers, so that
+    the layers and not the engine's fixed cost per step decide the time)."""
+    from mop.latency.model import config_shape, measure_latency_model, synthetic_shapes
+    from mop.latency.protocol import LatencySettings
+    from mop.latency.vllm_bench import vllm_version
+
+    config = FAMILIES["llama-gqa"]()
+    config.num_hidden_layers = 32
+    settings = LatencySettings(runs=3, warmup=1, prompt_tokens=12, new_tokens=8, prefill_tokens=64,
+                               time_generate=False)
+    model = measure_latency_model(config, settings, engine="vllm", tokenizer=tokenizer, cache=tmp_path)
+    dense = config_shape(config)
+    assert [t.shape for t in model.timings] == synthetic_shapes(dense)
+    assert all(0 < t.seconds["decode"] < t.seconds["end_to_end"] for t in model.timings)
+    assert model.context["engine"] == "vllm" and model.context["versions"] == {"vllm": vllm_version(vllm_python)}
+    quarter = model.timings[2]
+    assert quarter.shape.layers == 8 and quarter.seconds["end_to_end"] < model.timings[0].seconds["end_to_end"]
+    assert model.speedup(dense, quarter.shape) > 1

@@ -28,6 +28,7 @@ from mop.plugins import load_plugins
 from mop.pruning.compensation import DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, METHODS as COMPENSATIONS
 from mop.provenance import invoked_as
 from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA
+from mop.latency.model import ENGINES
 from mop.pruning.search import COMPRESSIONS, MODES, SearchConfig
 from mop.training.recovery import TRAINABLE
 
@@ -187,6 +188,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-model", default=None, metavar="FILE",
                         help="the latency model that predicts speedups (a record as mop.json's latency_model); "
                              "default: measured on --device and --dtype, cached under $MOP_CACHE_DIR/latency")
+    parser.add_argument("--latency-engine", default="transformers", choices=ENGINES,
+                        help="what the measured latency model times: our greedy loop in transformers, or vLLM (its "
+                             "own environment, see `mop check`)")
     parser.add_argument("--method", default="mop",
                         help="pruning method: mop (the paper's search, see --mode) or a peer (shortgpt, ...)")
     parser.add_argument("--mode", default="mop", choices=MODES, help="mop's mode: the mixture, depth only, width only")
@@ -231,7 +235,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
     from mop.training import LoraSettings
 
     config = SearchConfig(
-        targets=args.target, speedups=args.target_speedup, latency_model=args.latency_model, method=args.method,
+        targets=args.target, speedups=args.target_speedup, latency_model=args.latency_model,
+        latency_engine=args.latency_engine, method=args.method,
         mode=args.mode, layer_criterion=args.layer_criterion,
         width_criterion=args.width_criterion, path_criterion=args.path_criterion, seed=seed,
         compression_of=args.compression_of, compensation=args.compensation,

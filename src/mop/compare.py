@@ -44,7 +44,9 @@ PRESETS: dict[str, dict] = {
     "shortgpt": {"method": "shortgpt"},
     "llm-pruner": {"method": "llm-pruner"},
 }
-_METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "speedups", "latency_model", "seed", "lora"}
+# what a preset may set of a search: not where it stops, how speed is predicted, the seed or the tuning's LoRA
+_METHOD_FIELDS = {f.name for f in fields(SearchConfig)} - {"targets", "speedups", "latency_model", "latency_engine",
+                                                           "seed", "lora"}
 _RECOVERY_FIELDS = {f.name for f in fields(FinetuneConfig)} - {"seed", "lora"}
 _LORA_FIELDS = {f.name for f in fields(LoraSettings)}
 _FIELDS = _METHOD_FIELDS | {f"lora.{name}" for name in _LORA_FIELDS} \

@@ -26,9 +26,12 @@ import hashlib
 import json
 import logging
 import math
+import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -306,17 +309,18 @@ def synthetic_model(config: PretrainedConfig, shape: ModelShape, device: str, dt
     return model.eval()
 
 
-def time_shapes(config: PretrainedConfig, shapes: list[ModelShape], settings: LatencySettings, device: str,
-                dtype: str, clock: Clock = time.perf_counter) -> list[ShapeTiming]:
-    """Each shape as a random-weight model timed by the protocol, on prompt ids 0, 1, 2, … (timing does not depend
-    on which tokens). The shapes are timed together, alternating run by run as `mop bench` alternates a checkpoint
-    and the dense model, so that a slow spell of the machine falls on every shape alike. They go in groups whose
-    weights fit GROUP_BYTES_FACTOR × the first shape's (the dense one); every group holds the first shape, and its
-    times are rescaled so that the first shape's equal those of the first group."""
-    prompt = torch.arange(settings.prompt_tokens).unsqueeze(0) % config.vocab_size
-    long_prompt = torch.arange(settings.prefill_tokens).unsqueeze(0) % config.vocab_size
+# times a group of shapes together: shape → seconds per quantity (QUANTITIES)
+GroupTimer = Callable[[list[ModelShape]], dict[ModelShape, dict[str, float]]]
+
+
+def time_shapes(config: PretrainedConfig, shapes: list[ModelShape], dtype: str, time_group: GroupTimer) \
+        -> list[ShapeTiming]:
+    """Each shape timed by `time_group` (`in_transformers`, `in_vllm`) together with others, alternating run by run
+    as `mop bench` alternates a checkpoint and the dense model, so that a slow spell of the machine falls on every
+    shape alike. The shapes go in groups whose weights fit GROUP_BYTES_FACTOR × the first shape's (the dense one);
+    every group holds the first shape, and its times are rescaled so that the first shape's equal those of the
+    first group."""
     size = {shape: _weight_bytes(config, shape, dtype) for shape in shapes}
-    anchor = synthetic_model(config, shapes[0], device, dtype)
     seconds: dict[ModelShape, dict[str, float]] = {}
     rest = list(shapes[1:])
     while rest or not seconds:
@@ -324,16 +328,63 @@ def time_shapes(config: PretrainedConfig, shapes: list[ModelShape], settings: La
         while rest and (len(group) == 1 or sum(size[s] for s in group) + size[rest[0]]
                         <= GROUP_BYTES_FACTOR * size[shapes[0]]):
             group.append(rest.pop(0))
-        models = {shape.label(): anchor if shape == shapes[0] else synthetic_model(config, shape, device, dtype)
-                  for shape in group}
-        timed = measure_on(models, prompt, long_prompt, settings, clock)
-        del models
-        measured = {shape: _seconds(timed[shape.label()], settings) for shape in group}
+        measured = time_group(group)
         reference = seconds.get(shapes[0], measured[shapes[0]])
         for shape in group:
             seconds.setdefault(shape, {q: measured[shape][q] * reference[q] / measured[shapes[0]][q]
                                        for q in QUANTITIES})
     return [ShapeTiming(shape, seconds[shape]) for shape in shapes]
+
+
+def in_transformers(config: PretrainedConfig, settings: LatencySettings, device: str, dtype: str,
+                    clock: Clock = time.perf_counter) -> GroupTimer:
+    """Times a group as random-weight models in our greedy loop (`measure_on`), on prompt ids 0, 1, 2, … (timing
+    does not depend on which tokens); the first shape's model is built once and kept for every group."""
+    prompt = torch.arange(settings.prompt_tokens).unsqueeze(0) % config.vocab_size
+    long_prompt = torch.arange(settings.prefill_tokens).unsqueeze(0) % config.vocab_size
+    built: dict[ModelShape, nn.Module] = {}
+
+    def time_group(group: list[ModelShape]) -> dict[ModelShape, dict[str, float]]:
+        anchor = built.setdefault(group[0], synthetic_model(config, group[0], device, dtype))
+        models = {shape.label(): anchor if shape == group[0] else synthetic_model(config, shape, device, dtype)
+                  for shape in group}
+        timed = measure_on(models, prompt, long_prompt, settings, clock)
+        return {shape: _seconds(timed[shape.label()], settings) for shape in group}
+
+    return time_group
+
+
+def in_vllm(config: PretrainedConfig, tokenizer, settings: LatencySettings, dtype: str) -> GroupTimer:
+    """Times a group as random-weight checkpoints (with `tokenizer`, so that vLLM detokenizes as it does for real
+    ones) written to a temporary folder and served side by side in vLLM (`time_in_vllm`), on prompt ids 0, 1, 2, …;
+    a quantity's seconds are those of `mop bench --engine vllm`, and prefill is a 1-token request on a
+    `prefill_tokens`-long prompt."""
+    from mop.latency.vllm_bench import time_in_vllm, vllm_python
+
+    python = vllm_python()
+    prompt = [i % config.vocab_size for i in range(settings.prompt_tokens)]
+    long_prompt = [i % config.vocab_size for i in range(settings.prefill_tokens)]
+    kept = settings.warmup
+
+    def time_group(group: list[ModelShape]) -> dict[ModelShape, dict[str, float]]:
+        with tempfile.TemporaryDirectory(prefix="mop-latency-vllm-") as work:
+            directories = {}
+            for shape in group:
+                directories[shape.label()] = Path(work) / shape.label().replace(" ", "_").replace("/", "-")
+                synthetic_model(config, shape, "cpu", dtype).save_pretrained(directories[shape.label()])
+                tokenizer.save_pretrained(directories[shape.label()])
+            raw = time_in_vllm(directories, prompt, settings, dtype, python, prefill_prompt=long_prompt,
+                               max_model_len=settings.prefill_tokens + settings.new_tokens)["raw"]
+        seconds = {}
+        for shape in group:
+            runs = raw[shape.label()]
+            decode = [(e - f) / (settings.new_tokens - 1)
+                      for e, f in zip(runs["end_to_end_s"][kept:], runs["first_token_s"][kept:], strict=True)]
+            seconds[shape] = {"decode": statistics.fmean(decode), "prefill": statistics.fmean(runs["prefill_s"][kept:]),
+                              "end_to_end": statistics.fmean(runs["end_to_end_s"][kept:])}
+        return seconds
+
+    return time_group
 
 
 def _weight_bytes(config: PretrainedConfig, shape: ModelShape, dtype: str) -> int:
@@ -354,13 +405,19 @@ def measurement_context(config: PretrainedConfig, settings: LatencySettings, dev
                         engine: str) -> dict:
     """What a latency model holds for: the model's config as far as it decides the compute, the device (with
     torch's thread count), dtype, engine with the library versions, and the protocol settings."""
+    if engine == "vllm":
+        from mop.latency.vllm_bench import vllm_device, vllm_version
+
+        machine = {"device": vllm_device(), "versions": {"vllm": vllm_version()}}
+    else:
+        machine = {"device": describe_device(torch.device(device)), "torch_threads": torch.get_num_threads(),
+                   "versions": {name: version for name, version in versions().items()
+                                if name in ("torch", "transformers")}}
     return {"model_type": config.model_type, "dense_shape": asdict(config_shape(config)),
             "biases": {"attention": bool(getattr(config, "attention_bias", False)),
                        "mlp": bool(getattr(config, "mlp_bias", False))},
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-            "device": describe_device(torch.device(device)), "torch_threads": torch.get_num_threads(),
-            "dtype": dtype, "engine": engine, "settings": asdict(settings), "timing": TIMING,
-            "versions": {name: version for name, version in versions().items() if name in ("torch", "transformers")}}
+            "dtype": dtype, "engine": engine, "settings": asdict(settings), "timing": TIMING} | machine
 
 
 def cache_path(context: dict, cache: Path | None = None) -> Path:
@@ -372,16 +429,16 @@ def cache_path(context: dict, cache: Path | None = None) -> Path:
 
 def measure_latency_model(config: PretrainedConfig, settings: LatencySettings = FIT_SETTINGS, device: str = "cpu",
                           dtype: str = "float32", engine: str = "transformers", cache: Path | None = None,
-                          refresh: bool = False, clock: Clock = time.perf_counter) -> LatencyModel:
+                          refresh: bool = False, clock: Clock = time.perf_counter, tokenizer=None) -> LatencyModel:
     """The latency model of the causal LM that `config` describes (a loaded model's:
     `adapter.text_config(model)`), on `device` in `dtype` with `engine`: read from the cache when this context was
     measured before (unless `refresh`), else the `synthetic_shapes` timed by the protocol with `settings`
-    (`time_generate` is not used and is switched off), fitted and cached."""
+    (`time_generate` is not used and is switched off), fitted and cached. vLLM (its own environment, on the CPU
+    build's device) times checkpoints on disk, which carry the model's `tokenizer`; `clock` is ours only."""
     if engine not in ENGINES:
         raise MopError(f"unknown engine {engine}; choose one of {', '.join(ENGINES)}")
-    if engine == "vllm":
-        raise MopError("the latency model is not implemented for vLLM yet (engine 'transformers' is); time vLLM "
-                       "checkpoints with `mop bench --engine vllm`")
+    if engine == "vllm" and tokenizer is None:
+        raise MopError("the vLLM latency model needs the model's tokenizer (its synthetic checkpoints carry it)")
     if dtype not in DTYPES:
         raise MopError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
     settings = replace(settings, time_generate=False)
@@ -395,7 +452,9 @@ def measure_latency_model(config: PretrainedConfig, settings: LatencySettings = 
             return LatencyModel.from_record(record)
         log.warning("%s holds another context's latency model; measuring again", path)
     dense = ModelShape(**context["dense_shape"])
-    model = fit_latency_model(time_shapes(config, synthetic_shapes(dense), settings, device, dtype, clock), context)
+    time_group = (in_vllm(config, tokenizer, settings, dtype) if engine == "vllm"
+                  else in_transformers(config, settings, device, dtype, clock))
+    model = fit_latency_model(time_shapes(config, synthetic_shapes(dense), dtype, time_group), context)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, model.record())
     log.info("latency model written to %s", path)

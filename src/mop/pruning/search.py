@@ -23,7 +23,7 @@ from mop.errors import MopError
 from mop.provenance import command, versions
 from mop.models import (LoadedModel, count_all_params, count_params, embedding_params, layer_params,
                         release_freed_memory, save_checkpoint)
-from mop.latency.model import LatencyModel, ModelShape, model_shape
+from mop.latency.model import ENGINES, LatencyModel, ModelShape, model_shape
 from mop.models.adapters import LayerShape
 from mop.pruning.state import RunState, target_name  # noqa: F401 (where callers find it)
 from mop.pruning.surgery import masked_width, remove_layer, structural_copy
@@ -48,6 +48,7 @@ class SearchConfig:
     targets: list[float]  # compression ratios
     speedups: list[float] = field(default_factory=list)  # predicted speedups over the dense model
     latency_model: str | None = None  # a latency model record (JSON); None: measured on the run's device, cached
+    latency_engine: str = "transformers"  # what the measured latency model times: one of ENGINES
     method: str = "mop"  # a name in mop.pruning.methods.PRUNING_METHODS; the fields below are its settings
     mode: str = "mop"
     layer_criterion: str = "third_to_last"
@@ -79,6 +80,11 @@ class SearchConfig:
             raise MopError("--latency-model predicts speed targets: give --target-speedup too")
         if self.latency_model is not None and not Path(self.latency_model).is_file():
             raise MopError(f"--latency-model {self.latency_model}: no such file")
+        if self.latency_engine not in ENGINES:
+            raise MopError(f"unknown latency engine {self.latency_engine}; choose one of {', '.join(ENGINES)}")
+        if self.latency_engine != "transformers" and (self.latency_model is not None or not self.speedups):
+            raise MopError("--latency-engine measures the latency model of speed targets: give --target-speedup, "
+                           "and not --latency-model (whose record already names its engine)")
         for name, value, registry in (("mode", self.mode, MODES), ("layer criterion", self.layer_criterion, LAYER_CRITERIA),
                                       ("width criterion", self.width_criterion, WIDTH_CRITERIA),
                                       ("path criterion", self.path_criterion, PATH_CRITERIA),
@@ -115,7 +121,7 @@ class SearchConfig:
         if self.compensation == "none":
             unset.update(compensation="none", compensation_ridge=self.compensation_ridge,
                          compensation_depth_ridge=self.compensation_depth_ridge)
-        targets = ("targets", "speedups", "latency_model")
+        targets = ("targets", "speedups", "latency_model", "latency_engine")
         matching = {"step_matching": "latency"} if self.speedups else {}
         return {k: v for k, v in asdict(self).items() if k not in targets and not (k in unset and unset[k] == v)} \
             | matching | {"lora": self.lora.identity()}
@@ -157,7 +163,8 @@ class Search:
         shape = self.adapter.shape(self.model)
         config.alignment.check(shape, loaded.name)
         self.units = config.alignment.units(shape, self.adapter.kv_head_counts(self.model))  # what a width step leaves
-        self.latency = run_latency_model(loaded, config.speedups, config.latency_model, out)  # None: no speed target
+        # None: no speed target
+        self.latency = run_latency_model(loaded, config.speedups, config.latency_model, out, config.latency_engine)
         self.goals = Goals(loaded, config.compression_of, self.latency)
         self.identity = {"model_sha256": loaded.weights_sha256, "dtype": str(self.model.dtype), **config.identity(),
                          **latency_identity(self.latency)}

@@ -133,11 +133,12 @@ class Goals:
                                f"predicted ({smallest.label()})")
 
 
-def run_latency_model(loaded: LoadedModel, speedups: list[float], record: str | None, out: Path) -> LatencyModel | None:
+def run_latency_model(loaded: LoadedModel, speedups: list[float], record: str | None, out: Path,
+                      engine: str = "transformers") -> LatencyModel | None:
     """The latency model that predicts a run's speedups (None without speed targets): the record in the file
     `record` (`--latency-model`), else the one the run in `out` began with (a resume predicts as it did), else
-    the loaded model's measured on its device and dtype (`measure_latency_model`, cached). Refused when it was
-    measured for another model's shape."""
+    the loaded model's measured on its device and dtype with `engine` (`measure_latency_model`, cached). Refused
+    when it was measured for another model's shape."""
     if not speedups:
         return None
     header = _saved_header(out)
@@ -147,8 +148,8 @@ def run_latency_model(loaded: LoadedModel, speedups: list[float], record: str | 
         model = LatencyModel.from_record(header["latency_model"])
     else:
         dtype = next(name for name, value in DTYPES.items() if value == loaded.model.dtype)
-        model = measure_latency_model(loaded.adapter.text_config(loaded.model),
-                                      device=str(input_device(loaded.model)), dtype=dtype)
+        model = measure_latency_model(loaded.adapter.text_config(loaded.model), device=str(input_device(loaded.model)),
+                                      dtype=dtype, engine=engine, tokenizer=loaded.tokenizer)
     dense, measured_for = model_shape(loaded.model, loaded.adapter), model.context.get("dense_shape")
     if measured_for is not None and ModelShape(**measured_for) != dense:
         raise MopError(f"the latency model was measured for {ModelShape(**measured_for).label()}, not for "

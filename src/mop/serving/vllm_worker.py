@@ -15,7 +15,7 @@ whose record is the greedy token ids and, per generated token, the log-probabili
 
     {"kind": "bench", "model": NAME, "engines": {ROLE: {"model": DIR, "hf_overrides": ...}, ...},
      "prompt_ids": [int, ...], "new_tokens": N, "runs": R, "batch_prompt_ids": [[int, ...], ...],
-     "batch_runs": R2, "max_model_len": L}
+     "batch_runs": R2, "max_model_len": L, "prefill_prompt_ids": [int, ...] (optional)}
 
 whose record is the raw seconds of every run per role (see `run_bench`). For each job, in order, one JSON line
 is appended to OUT.jsonl, with timings and peak memory, or the error.
@@ -70,8 +70,9 @@ def run_job(job: dict) -> dict:
 def run_bench(job: dict) -> dict:
     """Every engine loaded side by side, then `runs` rounds in which each times, in turn (the order reversed on
     odd rounds), the first token and then all `new_tokens` greedy tokens of the one prompt (batch 1, EOS
-    ignored); then `batch_runs` rounds of all `batch_prompt_ids` at once, N concurrent requests of
-    `new_tokens` each. Prefix caching is off, so every round computes its prompt."""
+    ignored), and, when the job has `prefill_prompt_ids`, the first token of that long prompt; then `batch_runs`
+    rounds of all `batch_prompt_ids` at once, N concurrent requests of `new_tokens` each. Prefix caching is off,
+    so every round computes its prompt."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -82,9 +83,11 @@ def run_bench(job: dict) -> dict:
     greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     prompt = [TokensPrompt(prompt_token_ids=job["prompt_ids"])]
+    long_prompt = [TokensPrompt(prompt_token_ids=job["prefill_prompt_ids"])] if job.get("prefill_prompt_ids") else []
     batch = [TokensPrompt(prompt_token_ids=ids) for ids in job["batch_prompt_ids"]]
     roles = list(engines)
-    raw = {role: {"first_token_s": [], "end_to_end_s": [], "batch_s": [], "batch_new_tokens": []} for role in roles}
+    raw = {role: {"first_token_s": [], "end_to_end_s": [], "prefill_s": [], "batch_s": [], "batch_new_tokens": []}
+           for role in roles}
 
     def timed(role: str, prompts: list, params) -> tuple[float, int]:
         """Seconds of one `generate` call, and the tokens it produced."""
@@ -99,6 +102,8 @@ def run_bench(job: dict) -> dict:
             if tokens != job["new_tokens"]:
                 raise RuntimeError(f"{role} generated {tokens} tokens, not {job['new_tokens']}")
             raw[role]["end_to_end_s"].append(seconds)
+            if long_prompt:
+                raw[role]["prefill_s"].append(timed(role, long_prompt, first)[0])
     for run in range(job["batch_runs"]):
         for role in roles if run % 2 == 0 else roles[::-1]:
             seconds, tokens = timed(role, batch, greedy)

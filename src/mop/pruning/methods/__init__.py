@@ -38,7 +38,8 @@ def pruning_method(name: str, check: CheckFn | None = None):
 
 
 def _check_search(loaded: LoadedModel, config: SearchConfig, out: Path) -> None:
-    check_reachable(loaded, config, run_latency_model(loaded, config.speedups, config.latency_model, out))
+    latency = run_latency_model(loaded, config.speedups, config.latency_model, out, config.latency_engine)
+    check_reachable(loaded, config, latency)
 
 
 @pruning_method("mop", check=_check_search)

@@ -40,7 +40,8 @@ class OneShotPruner(ABC):
         self.original_params = count_params(loaded.model)
         self.original_embedding_params = embedding_params(loaded.model)
         config.alignment.check(loaded.adapter.shape(loaded.model), loaded.name)
-        self.latency = run_latency_model(loaded, config.speedups, config.latency_model, out)  # None: no speed target
+        # None: no speed target
+        self.latency = run_latency_model(loaded, config.speedups, config.latency_model, out, config.latency_engine)
         self.goals = Goals(loaded, config.compression_of, self.latency)
         most = self.most_compression()
         if config.compression_of == "body":  # the same parameters removed, as a share of the body
