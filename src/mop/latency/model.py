@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import transformers
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from mop.errors import MopError
@@ -373,8 +374,10 @@ def in_vllm(config: PretrainedConfig, tokenizer, settings: LatencySettings, dtyp
                 directories[shape.label()] = Path(work) / shape.label().replace(" ", "_").replace("/", "-")
                 synthetic_model(config, shape, "cpu", dtype).save_pretrained(directories[shape.label()])
                 tokenizer.save_pretrained(directories[shape.label()])
-            raw = time_in_vllm(directories, prompt, settings, dtype, python, prefill_prompt=long_prompt,
-                               max_model_len=settings.prefill_tokens + settings.new_tokens)["raw"]
+            with tqdm(total=1, desc=f"latency in vLLM: {' and '.join(directories)}", unit="group") as bar:
+                raw = time_in_vllm(directories, prompt, settings, dtype, python, prefill_prompt=long_prompt,
+                                   max_model_len=settings.prefill_tokens + settings.new_tokens)["raw"]
+                bar.update()
         seconds = {}
         for shape in group:
             runs = raw[shape.label()]
