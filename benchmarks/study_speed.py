@@ -2,21 +2,22 @@
 speedups (`--target-speedup 1.25 1.4 1.6`) by one latency model of this CPU, then WikiText-2 perplexity by the
 standard protocol on the first 8 and 32 segments, and on request the measured speedup (`--bench`), the four
 tasks (`--tasks N`: the first N documents of each) and the perplexity after the quality study's recovery
-(`--recover study32 [--speeds S ...]`).
+(`--recover study32 [--speeds S ...]`). `--engine vllm` runs the same cells (labels ending `-vllm`) for serving
+in vLLM: pruned by a latency model timed in vLLM, and timed by `mop bench --engine vllm`.
 
 Every method runs with the small recipe's pruning settings (block influence for the search's layers, the
 closed-form repair, WikiText-2 validation text) on the README job's 32 calibration prompts, so the rows differ
-by the method only. The latency model is one record, `docs/study/speed/latency_model.json`, taken from this
-machine's cache (`mop.latency.measure_latency_model`, measured when absent) the first time and shared by every
-cell, so all of them stop by the same prediction.
+by the method only. The latency model is one record per engine, `docs/study/speed/latency_model.json`
+(`latency_model_vllm.json`), taken from this machine's cache (`mop.latency.measure_latency_model`, measured when
+absent) the first time and shared by every cell, so all of them stop by the same prediction.
 
 A cell is one method and seed pruned in-process to the three speeds; its result is
 `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune` command, per speed the predicted and
 measured speedups, size, path, perplexities, accuracies). A rerun computes only what is missing: the cells
 without a record, then the timings and tasks the records lack. Checkpoints go to `runs/speed/` (never committed).
 
-    MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--only LABEL ...] [--bench] [--tasks N]
-                                                                 [--recover study32 [--speeds S ...]]
+    MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...] [--bench]
+                                                                 [--tasks N] [--recover study32 [--speeds S ...]]
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "study" / "speed"
 RUNS = ROOT / "runs" / "speed"
-LATENCY_MODEL = DOCS / "latency_model.json"
+# engine → the latency model's record and the suffix of its cells' labels
+LATENCY_MODELS = {"transformers": DOCS / "latency_model.json", "vllm": DOCS / "latency_model_vllm.json"}
+SUFFIXES = {"transformers": "", "vllm": "-vllm"}
 MODEL = "smollm2-135m"
 SPEEDUPS = (1.25, 1.4, 1.6)
 SEGMENTS = (8, 32)
@@ -55,34 +58,36 @@ RECOVERIES = {"study32": {"max_steps": 32, "lora": {"batch_size": 16, "micro_bat
                                                     "activation_checkpointing": False}}}
 
 
-def command(fields: dict) -> str:
+def command(fields: dict, engine: str) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
                "compensation": "--compensation", "calib": "--calib", "calib_samples": "--calib-samples",
                "compensation_ridge": "--compensation-ridge", "compensation_depth_ridge": "--compensation-depth-ridge"}
     return (f"mop prune {MODEL} " + " ".join(f"--target-speedup {s}" for s in SPEEDUPS) + " "
             + " ".join(f"{options[k]} {v}" for k, v in fields.items())
-            + f" --latency-model {LATENCY_MODEL.relative_to(ROOT)} --out DIR")
+            + f" --latency-model {LATENCY_MODELS[engine].relative_to(ROOT)} --out DIR")
 
 
 def speed_name(speedup: float) -> str:
     return f"speedup-{round(100 * speedup)}"
 
 
-def latency_model_file() -> Path:
-    """The study's one latency model: this machine's (cached or measured), written once to LATENCY_MODEL."""
-    if not LATENCY_MODEL.exists():
+def latency_model_file(engine: str) -> Path:
+    """The study's one latency model of `engine`: this machine's (cached or measured), written once."""
+    path = LATENCY_MODELS[engine]
+    if not path.exists():
         from mop.latency import measure_latency_model
         from mop.models import load_model
         from mop.provenance import write_json_atomic
 
         loaded = load_model(MODEL)
-        model = measure_latency_model(loaded.adapter.text_config(loaded.model))
+        model = measure_latency_model(loaded.adapter.text_config(loaded.model), engine=engine,
+                                      tokenizer=loaded.tokenizer)
         DOCS.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(LATENCY_MODEL, model.record())
-    return LATENCY_MODEL
+        write_json_atomic(path, model.record())
+    return path
 
 
-def prune_cell(label: str, fields: dict) -> dict:
+def prune_cell(label: str, fields: dict, engine: str) -> dict:
     """Prune one cell to every speed and measure each checkpoint's perplexity."""
     from mop import data
     from mop.models import load_model
@@ -93,11 +98,11 @@ def prune_cell(label: str, fields: dict) -> dict:
     started = time.perf_counter()
     loaded = load_model(MODEL)
     out = RUNS / label
-    methods.prune(loaded, SearchConfig(targets=[], speedups=list(SPEEDUPS), latency_model=str(latency_model_file()),
-                                       **settings), out)
+    methods.prune(loaded, SearchConfig(targets=[], speedups=list(SPEEDUPS),
+                                       latency_model=str(latency_model_file(engine)), **settings), out)
     prune_seconds = time.perf_counter() - started
     segments = data.text_segments(loaded.tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
-    result = {"label": label, "settings": settings, "command": command(settings),
+    result = {"label": label, "engine": engine, "settings": settings, "command": command(settings, engine),
               "prune_seconds": round(prune_seconds, 1), "speeds": {}}
     for speedup in SPEEDUPS:
         name = speed_name(speedup)
@@ -122,8 +127,10 @@ def perplexities(model, segments: list) -> dict[str, float]:
 
 
 def bench_cell(result: dict) -> None:
-    """Time each checkpoint of `result` against the dense model by the paper's protocol (measured speedup)."""
+    """Time each checkpoint of `result` against the dense model by the paper's protocol (measured speedup), in the
+    cell's engine (vLLM: `mop bench --engine vllm`, its throughput at the smallest setting it takes)."""
     from mop.latency import LatencySettings, benchmark
+    from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm
     from mop.models import load_model
 
     dense = load_model(MODEL)
@@ -131,7 +138,11 @@ def bench_cell(result: dict) -> None:
     for name, measured in result["speeds"].items():
         if "measured_speedup" in measured:
             continue
-        record = benchmark(load_model(str(RUNS / result["label"] / name)), dense, settings)
+        checkpoint = str(RUNS / result["label"] / name)
+        if result.get("engine", "transformers") == "vllm":
+            record = benchmark_vllm(checkpoint, MODEL, VllmBenchSettings(settings, batch=1, batch_runs=3))
+        else:
+            record = benchmark(load_model(checkpoint), dense, settings)
         measured |= {"measured_speedup": record["speedup"]["ratio_of_means"],
                      "measured_speedup_std": record["speedup"]["std"], "bench": BENCH,
                      "load_average": os.getloadavg()[0]}
@@ -171,7 +182,8 @@ def write_report() -> None:
     """docs/study/speed/README.md: per speed, every cell's row from the records."""
     from mop.evaluation.tasks import PAPER_METRIC
 
-    records = [json.loads((DOCS / f"{label}.json").read_text()) for label in CELLS if (DOCS / f"{label}.json").exists()]
+    paths = [DOCS / f"{label}{suffix}.json" for suffix in SUFFIXES.values() for label in CELLS]
+    records = [json.loads(path.read_text()) for path in paths if path.exists()]
     lines = ["# Equal-speed study (SmolLM2-135M, CPU, no recovery)", "",
              "Written by `benchmarks/study_speed.py` from the records beside this file (each with its `mop prune` "
              "command); the protocol is in its docstring and in docs/RESULTS.md.", ""]
@@ -206,6 +218,8 @@ def save(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=sorted(LATENCY_MODELS), default="transformers",
+                        help="what the cells' speeds are predicted and timed in")
     parser.add_argument("--only", action="append", default=[], help="a cell's label (repeatable)")
     parser.add_argument("--bench", action="store_true", help="also time every checkpoint (needs a quiet machine)")
     parser.add_argument("--tasks", type=int, metavar="N", help="also the four tasks on their first N documents")
@@ -214,13 +228,14 @@ def main() -> None:
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
     for label, fields in CELLS.items():
+        label += SUFFIXES[args.engine]
         if args.only and label not in args.only:
             continue
         path = DOCS / f"{label}.json"
         if path.exists():
             result = json.loads(path.read_text())
         else:
-            result = prune_cell(label, fields)
+            result = prune_cell(label, fields, args.engine)
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
