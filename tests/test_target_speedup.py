@@ -191,7 +191,7 @@ def test_a_timed_checkpoint_gets_its_measured_speedup_beside_the_predicted(tiny_
                           "speedup": {"of": "end_to_end_s", "mean": 1.27, "std": 0.03, "runs": 10},
                           "device": "cpu", "dtype": "float32", "protocol": "test",
                           "settings": {"prompt_tokens": 12, "new_tokens": 128}}
-    measured = {"mean": 1.27, "std": 0.03, "device": "cpu", "dtype": "float32"}
+    measured = {"mean": 1.27, "std": 0.03, "engine": "transformers", "device": "cpu", "dtype": "float32"}
     for speed, expected in ((speed_args(latency_file(), "1.3"), measured), ([], None)):
         out = tmp_path / f"out-{len(speed)}"
         assert main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out), "--target", "0.2", *speed,
@@ -201,6 +201,36 @@ def test_a_timed_checkpoint_gets_its_measured_speedup_beside_the_predicted(tiny_
             add_results(directory, weights_sha256(directory), latency=record(weights_sha256(directory)))
             after = json.loads((directory / "mop.json").read_text())
             assert after == (before if expected is None else {**before, "measured_speedup": expected}), directory
+
+
+def test_a_speed_predicted_for_vllm_is_measured_in_vllm(tiny_dirs, tmp_path):
+    """A checkpoint whose speed a vLLM latency model predicted: a transformers bench record leaves its mop.json
+    alone, a vLLM one (`mop bench --engine vllm`'s, made up here) writes `measured_speedup` with its engine; the
+    report sets the vLLM speedup beside the prediction."""
+    from mop.modelcard import record_measured_speedup
+    from mop.report import _speedup_cell
+
+    latency = tmp_path / "latency-vllm.json"
+    record = latency_record("llama-gqa")
+    record["context"]["engine"] = "vllm"
+    latency.write_text(json.dumps(record))
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_dirs["llama-gqa"]), "--out", str(out), *speed_args(latency, "1.3"),
+                 "--mode", "depth", *SMALL]) == 0
+    checkpoint = out / "speedup-130"
+    before = json.loads((checkpoint / "mop.json").read_text())
+    timed = {"models": {"candidate": {"weights_sha256": weights_sha256(checkpoint)}, "baseline": {"name": "dense"}},
+             "speedup": {"of": "end_to_end_s", "mean": 1.27, "std": 0.03, "runs": 10}, "device": "cpu",
+             "dtype": "float32", "protocol": "test", "settings": {"prompt_tokens": 12, "new_tokens": 128}}
+    add_results(checkpoint, weights_sha256(checkpoint), latency=timed)
+    assert json.loads((checkpoint / "mop.json").read_text()) == before
+    served = {"engine": "vllm", "speedup": {"mean": 1.41, "std": 0.02}, "device": "cpu", "settings": {"dtype": "float32"}}
+    record_measured_speedup(checkpoint, served)
+    assert json.loads((checkpoint / "mop.json").read_text()) == {
+        **before, "measured_speedup": {"mean": 1.41, "std": 0.02, "engine": "vllm", "device": "cpu", "dtype": "float32"}}
+    row = {"predicted_speedup": 1.3, "predicted_in": "vllm", "speedup": 1.1, "vllm_speedup": 1.41}
+    assert _speedup_cell([row]) == "1.41× (predicted 1.30× in vLLM)"
+    assert _speedup_cell([{**row, "predicted_in": "transformers"}]) == "1.10× (predicted 1.30×)"
 
 
 def test_a_resume_predicts_with_the_latency_model_the_run_began_with(tiny_dirs, latency_file, tmp_path,

@@ -494,11 +494,14 @@ def _bench_vllm(args: argparse.Namespace, latency) -> None:
     from mop.latency import source_of
     from mop.models.loading import resolve_model_dir
     from mop.latency.vllm_bench import VllmBenchSettings, benchmark_vllm, summary_table
+    from mop.modelcard import record_measured_speedup
 
     settings = VllmBenchSettings(latency, batch=args.batch, batch_runs=args.batch_runs, dtype=args.dtype)
     baseline = args.baseline or (source_of(resolve_model_dir(args.model)) or {}).get("name")
     record = benchmark_vllm(args.model, baseline, settings)
     _write_record(args.output, record, summary_table(record))
+    if Path(args.model).is_dir():
+        record_measured_speedup(Path(args.model), record)
 
 
 def register_run(commands) -> None:

@@ -283,13 +283,34 @@ def _key(result: EvalResult) -> tuple:
     return result.dataset_type, result.dataset_config, result.metric_type
 
 
+def predicted_in(provenance: dict) -> str:
+    """The engine whose latency model predicted a speed target's `predicted_speedup` (`mop.json`)."""
+    return provenance.get("latency_model", {}).get("context", {}).get("engine", "transformers")
+
+
+def record_measured_speedup(directory: Path, latency: dict) -> None:
+    """Beside the `predicted_speedup` of a speed target's `mop.json` in `directory`, the speedup that `latency` (a
+    `mop bench` record, transformers' or vLLM's) measured (`measured_speedup`), when it was measured in the engine
+    the prediction was made for; any other checkpoint or record is left alone."""
+    path = directory / "mop.json"
+    provenance = json.loads(path.read_text()) if path.is_file() else {}
+    engine = latency.get("engine", "transformers")
+    if "predicted_speedup" not in provenance or latency["speedup"] is None or engine != predicted_in(provenance):
+        return
+    speedup = latency["speedup"]
+    dtype = latency["dtype"] if "dtype" in latency else latency["settings"]["dtype"]  # vLLM's: a setting
+    provenance["measured_speedup"] = {"mean": speedup["mean"], "std": speedup["std"], "engine": engine,
+                                      "device": latency["device"], "dtype": dtype}
+    write_json_atomic(path, provenance)
+
+
 def add_results(directory: Path, weights_sha256: str, evaluation: dict | None = None,
                 latency: dict | None = None) -> None:
     """Rewrite the card of the mop checkpoint in `directory` (whose weights digest is `weights_sha256`) with
     the results of `evaluation` and `latency` that were measured on these weights, replacing earlier results of
-    the same data set and metric. A checkpoint of a run with speed targets (its `mop.json` has a
-    `predicted_speedup`) gets the measured speedup beside it (`measured_speedup`). A directory without `mop.json` (a model mop did not
-    write) is left alone."""
+    the same data set and metric. A checkpoint of a run with speed targets gets the measured speedup beside the
+    predicted one (`record_measured_speedup`). A directory without `mop.json` (a model mop did not write) is left
+    alone."""
     if not (directory / "mop.json").is_file():
         return
     provenance = json.loads((directory / "mop.json").read_text())
@@ -298,11 +319,7 @@ def add_results(directory: Path, weights_sha256: str, evaluation: dict | None = 
         new += evaluation_results(evaluation)
     if latency is not None and latency["models"]["candidate"]["weights_sha256"] == weights_sha256:
         new += latency_results(latency)
-        if "predicted_speedup" in provenance and latency["speedup"] is not None:
-            speedup = latency["speedup"]
-            provenance["measured_speedup"] = {"mean": speedup["mean"], "std": speedup["std"],
-                                              "device": latency["device"], "dtype": latency["dtype"]}
-            write_json_atomic(directory / "mop.json", provenance)
+        record_measured_speedup(directory, latency)
     if not new:
         return
     readme = directory / "README.md"

@@ -24,7 +24,7 @@ from pathlib import Path
 from mop.errors import MopError
 from mop.evaluation import PERPLEXITY_TASK, build_task, evaluate, validate_settings, validate_tasks
 from mop.latency import LatencySettings, benchmark
-from mop.modelcard import add_results
+from mop.modelcard import add_results, record_measured_speedup
 from mop.models import load_model, weights_sha256
 from mop.pruning import methods
 from mop.pruning.search import SearchConfig
@@ -208,5 +208,7 @@ def run_pipeline(model: str, config: PipelineConfig, out: Path, dense: Path | No
                 latency = stage(timing(name), lambda: timed(str(final)), f"seed {seed}, {name}: latency")
             add_results(final, weights_sha256(final), measured, latency)  # those measured on `final`'s weights
             if config.vllm_latency is not None:
-                stage(vllm_timing(name), lambda: timed_in_vllm(str(final)), f"seed {seed}, {name}: latency in vLLM")
+                served = stage(vllm_timing(name), lambda: timed_in_vllm(str(final)),
+                               f"seed {seed}, {name}: latency in vLLM")
+                record_measured_speedup(final, served)
     return write_report(out, model, config, dense) if report else None

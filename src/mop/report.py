@@ -17,6 +17,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from mop.evaluation import PAPER_METRIC, PERPLEXITY_TASK  # noqa: E402
+from mop.modelcard import predicted_in  # noqa: E402
 from mop.pruning.search import SearchConfig  # noqa: E402
 from mop.pruning.targets import every_target  # noqa: E402
 from mop.provenance import write_json_atomic  # noqa: E402
@@ -97,7 +98,7 @@ def result_row(evaluation: dict, provenance: dict | None, latency: dict | None, 
                    non_embedding_compression=provenance["non_embedding_compression"],
                    recovery_steps=(provenance.get("finetune") or {}).get("steps"))
         if "predicted_speedup" in provenance:  # a run with speed targets: its latency model's prediction
-            row["predicted_speedup"] = provenance["predicted_speedup"]
+            row.update(predicted_speedup=provenance["predicted_speedup"], predicted_in=predicted_in(provenance))
     if latency is not None:
         row.update(latency_s=latency["models"]["candidate"]["end_to_end_s"]["mean"],
                    decode_ms_per_token=latency["models"]["candidate"]["decode_ms_per_token"]["mean"],
@@ -158,11 +159,14 @@ def _params_cell(rows: list[dict]) -> str:
 
 
 def _speedup_cell(rows: list[dict]) -> str:
-    """The measured speedup (mean ± std over seeds), and beside it the predicted one of a speed target's run."""
-    measured = _mean_std([r.get("speedup") for r in rows], digits=2) + "×" if any(r.get("speedup") for r in rows) \
-        else "–"
+    """The measured speedup (mean ± std over seeds), and beside it the predicted one of a speed target's run; a
+    speed predicted for vLLM is set beside the speedup measured in vLLM."""
     predicted = [r["predicted_speedup"] for r in rows if "predicted_speedup" in r]
-    return measured + (f" (predicted {_mean_std(predicted, digits=2)}×)" if predicted else "")
+    in_vllm = any(r.get("predicted_in") == "vllm" for r in rows)
+    key = "vllm_speedup" if in_vllm else "speedup"
+    measured = _mean_std([r.get(key) for r in rows], digits=2) + "×" if any(r.get(key) for r in rows) else "–"
+    return measured + (f" (predicted {_mean_std(predicted, digits=2)}×{' in vLLM' if in_vllm else ''})"
+                       if predicted else "")
 
 
 def _cells(rows: list[dict], tasks: list[str]) -> list[str]:
