@@ -77,6 +77,18 @@ def cells() -> dict[str, dict]:
         found[f"{stem}-lstsq-wikitext2-valid-n32"] = {**repaired, "calib_samples": 32, **FIRST_RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {**repaired, "calib_samples": 32, **RIDGES}
         found[f"{stem}-lstsq-wikitext2-valid-r0.1-d0.001"] = {**repaired, **RIDGES}
+    # the layer criterion that ranks layers by what the depth repair leaves (`repair_error`) against block
+    # influence, in the search and depth-only, on the job's 32 prompts
+    # (seeds 1 and 2 of both criteria too), and the mixture's on the default 128 prompts
+    for stem, fields in {"mop-re": {"layer_criterion": "repair_error"},
+                         **{f"mop-{c}-s{seed}": {"layer_criterion": criterion, "seed": seed} for seed in (1, 2)
+                            for c, criterion in (("bi", "block_influence"), ("re", "repair_error"))},
+                         "depth-bi": {"mode": "depth", "layer_criterion": "block_influence"},
+                         "depth-re": {"mode": "depth", "layer_criterion": "repair_error"}}.items():
+        found[f"{stem}-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
+            **fields, "compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32, **RIDGES}
+    found["mop-re-lstsq-wikitext2-valid-r0.1-d0.001"] = {
+        "layer_criterion": "repair_error", "compensation": "lstsq", "calib": "wikitext2-valid", **RIDGES}
     # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
     # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
     found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {

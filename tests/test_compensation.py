@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from mop import data
+from mop.errors import MopError
 from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
 from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut,
-                                      _Moments, depth_repair, refit_columns, width_repair)
+                                      _Moments, depth_repair, depth_repair_errors, refit_columns,
+                                      width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
@@ -131,6 +133,45 @@ def test_a_removed_layer_linear_in_what_the_layer_before_writes_is_restored(toke
     torch.testing.assert_close(logits(repaired), dense, atol=1e-4, rtol=0)
     assert (logits(plain) - dense).abs().max() > 1e-2
     assert records[0]["module"] == "2.mlp.down_proj" and records[0]["error_after"] < 1e-6 < records[0]["error_before"]
+
+
+def test_the_repair_error_of_each_layer_is_what_its_depth_repair_leaves(monkeypatch):
+    """`depth_repair_errors` (every layer in one pass, or in chunks when the Grams would not fit) gives, for each
+    layer, the error its own `depth_repair` records; layer 0 scores its plain cut. A last layer built linear in
+    what the layer before writes scores ~0, and `repair_error` picks the lowest among the layers it may remove."""
+    from mop.pruning import compensation
+    from mop.pruning.criteria import repair_error
+
+    model = tiny_model("qwen2")
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    calibration = random_batches()
+    errors = depth_repair_errors(model, adapter, calibration, 1e-3)
+    for index in range(1, len(layers)):
+        record = depth_repair(model, adapter, calibration, index, CompensationSettings("lstsq", depth_ridge=1e-3))
+        assert errors[index].item() == pytest.approx(record.records[0]["error_after"], rel=1e-6)
+    monkeypatch.setattr(compensation, "GRAM_BYTES", 1)  # one layer a pass
+    torch.testing.assert_close(depth_repair_errors(model, adapter, calibration, 1e-3), errors, rtol=1e-9, atol=0)
+    delta = out = 0.0  # layer 0, which no repair follows: its plain update's energy over its output's
+    for batch in calibration:
+        with torch.no_grad():
+            hidden = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states
+        delta += (hidden[1] - hidden[0]).double().square().sum().item()
+        out += hidden[1].double().square().sum().item()
+    assert errors[0].item() == pytest.approx(delta / out, rel=1e-5)
+    assert repair_error(model, adapter, calibration) == int(
+        depth_repair_errors(model, adapter, calibration, DEFAULT_DEPTH_RIDGE)[:-2].argmin())
+
+    torch.manual_seed(1)
+    layers[-1] = LinearInMLPOutput(layers[-2].mlp, model.config.hidden_size)
+    errors = depth_repair_errors(model, adapter, calibration, 1e-9)
+    assert errors[-1] < 1e-6 and errors[-1] < errors[:-1].min() / 100
+
+
+def test_repair_error_needs_the_repair():
+    with pytest.raises(MopError, match="repair_error"):
+        SearchConfig(targets=[0.2], layer_criterion="repair_error").validate()
+    SearchConfig(targets=[0.2], layer_criterion="repair_error", compensation="lstsq").validate()
 
 
 def test_the_first_layer_is_removed_without_repair(tokenizer):

@@ -328,6 +328,44 @@ def width_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
     return repair
 
 
+class _DepthMoments:
+    """What the depth repair of removing a run of layers needs, summed over real tokens: the Gram of the down_proj
+    input h of the layer before the run (with a constant appended when that down_proj has a bias), Σ Δ [h; 1]ᵀ
+    for the run's update Δ = x_out − x_in [N, d], and the energies of Δ and x_out."""
+
+    def __init__(self, down: nn.Linear):
+        self.down = down
+        self.h = _Moments(down.in_features, down.bias is not None)
+        self.cross: torch.Tensor | None = None  # float64 [d, inter (+1)]
+        self.delta_energy = self.out_energy = 0.0
+        self.features: torch.Tensor | None = None  # the current batch's [h; 1], [N, inter (+1)]
+
+    def read_h(self, h: torch.Tensor) -> None:
+        self.features = torch.cat([h, h.new_ones(len(h), 1)], 1) if self.h.bias else h
+        self.h.add(h)
+
+    def read_update(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        delta = (x_out - x_in).float()
+        product = (delta.T @ self.features.float()).double()
+        self.cross = product if self.cross is None else self.cross + product
+        self.delta_energy += float(delta.double().square().sum())
+        self.out_energy += float(x_out.double().square().sum())
+
+    def fit(self, ridge: float) -> tuple[torch.Tensor, float, float]:
+        """The re-fitted down_proj weight [d, inter (+1)] (float64, the bias as a last column), and the relative
+        errors E‖Δ − D h‖² / E‖x_out‖² before (D = 0: the plain cut) and after."""
+        n = max(self.h.tokens, 1)
+        c_hh, c_dh = self.h.mean, self.cross / n
+        lam = ridge * c_hh.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
+        correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
+        # E‖Δ − D h‖² = E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ)
+        residual = self.delta_energy / n - 2 * float((correction * c_dh).sum()) + _output_energy(correction, c_hh)
+        out = max(self.out_energy / n, 1e-300)
+        refitted = _full_weight(self.down, c_hh.device) + correction
+        return refitted, self.delta_energy / n / out, max(residual, 0.0) / out
+
+
 def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], index: int,
                  settings: CompensationSettings, count: int = 1) -> Repair:
     """The repair of removing decoder layers index … index+count−1 (a run) from `model`: layer index−1's
@@ -337,42 +375,45 @@ def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
         return Repair(records=[{"layers": removed, "module": None, "skipped": "no layer before it to fold a repair into"}])
     layers = adapter.layers(model)
     down = layers[index - 1].mlp.down_proj
-    h_moments = _Moments(down.in_features, down.bias is not None)
-    cross: list[torch.Tensor] = []  # Σ Δ [h; 1]ᵀ, [d, inter (+1)]
-    energy = {"delta": 0.0, "out": 0.0}
-    features: list[torch.Tensor] = []  # the current batch's down_proj input [h; 1], [N, inter (+1)]
-
-    def read_h(h: torch.Tensor) -> None:
-        features[:] = [torch.cat([h, h.new_ones(len(h), 1)], 1) if h_moments.bias else h]
-        h_moments.add(h)
-
-    def read_delta(x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        delta = (x_out - x_in).float()
-        product = (delta.T @ features[0].float()).double()
-        cross[:] = [cross[0] + product] if cross else [product]
-        energy["delta"] += float(delta.double().square().sum())
-        energy["out"] += float(x_out.double().square().sum())
-
+    moments = _DepthMoments(down)
     run_input: list[torch.Tensor] = []  # the run's first layer's input, [N, d]
-    hooks = [(down, "pre", read_h), (layers[index], "pre", lambda x: run_input.__setitem__(slice(None), [x])),
-             (layers[index + count - 1], "post", lambda x_in, x_out: read_delta(run_input[0], x_out))]
+    hooks = [(down, "pre", moments.read_h), (layers[index], "pre", lambda x: run_input.__setitem__(slice(None), [x])),
+             (layers[index + count - 1], "post", lambda x_in, x_out: moments.read_update(run_input[0], x_out))]
     _calibration_pass(model, batches, hooks)
-    n = max(h_moments.tokens, 1)
-    c_hh, c_dh = h_moments.mean, cross[0] / n
-    lam = settings.depth_ridge * c_hh.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
-    correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
-    # E‖Δ − D h‖² = E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ)
-    residual = energy["delta"] / n - 2 * float((correction * c_dh).sum()) + _output_energy(correction, c_hh)
-    refitted = _full_weight(down, c_hh.device) + correction  # [d, inter (+1)]
+    refitted, before, after = moments.fit(settings.depth_ridge)
     repair = Repair()
-    repair.weights[f"{index - 1}.mlp.down_proj"] = (refitted[:, :-1], refitted[:, -1]) if h_moments.bias \
+    repair.weights[f"{index - 1}.mlp.down_proj"] = (refitted[:, :-1], refitted[:, -1]) if moments.h.bias \
         else (refitted, None)
-    out = max(energy["out"] / n, 1e-300)
-    repair.records.append({"layers": removed, "module": f"{index - 1}.mlp.down_proj",
-                           "error_before": energy["delta"] / n / out, "error_after": max(residual, 0.0) / out,
-                           "tokens": h_moments.tokens})
+    repair.records.append({"layers": removed, "module": f"{index - 1}.mlp.down_proj", "error_before": before,
+                           "error_after": after, "tokens": moments.h.tokens})
     return repair
+
+
+def depth_repair_errors(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], ridge: float
+                        ) -> torch.Tensor:
+    """Per decoder layer ℓ, the relative error E‖Δ_ℓ − D h_ℓ−1‖² / E‖x_out‖² that `depth_repair` would leave if ℓ
+    alone were removed, [n_layers] float64; layer 0, which gets no repair, scores its plain E‖Δ_0‖² / E‖x_out‖².
+    Passes over `batches`, each holding the Grams of a chunk of layers within GRAM_BYTES."""
+    layers = adapter.layers(model)
+    errors = torch.zeros(len(layers), dtype=torch.float64)
+    first = {"delta": 0.0, "out": 0.0}
+
+    def read_first(x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        first["delta"] += float((x_out - x_in).double().square().sum())
+        first["out"] += float(x_out.double().square().sum())
+
+    downs = [layer.mlp.down_proj for layer in layers[:-1]]  # downs[i − 1] is what removing layer i re-fits
+    sizes = [_gram_bytes(down) + 8 * down.out_features * (down.in_features + 1) for down in downs]
+    for number, chunk in enumerate(_layer_chunks(sizes)):
+        moments = {1 + c: _DepthMoments(downs[c]) for c in chunk}
+        hooks = [(layers[0], "post", read_first)] if number == 0 else []
+        for i, m in moments.items():
+            hooks += [(m.down, "pre", m.read_h), (layers[i], "post", m.read_update)]
+        _calibration_pass(model, batches, hooks)
+        for i, m in moments.items():
+            errors[i] = m.fit(ridge)[2]
+    errors[0] = first["delta"] / max(first["out"], 1e-300)
+    return errors
 
 
 def repair_for(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], settings: CompensationSettings,

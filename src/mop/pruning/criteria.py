@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mop.data import Batch
 from mop.evaluation.perplexity import segments_perplexity
 from mop.models import DecoderAdapter, input_device
+from mop.pruning.compensation import DEFAULT_DEPTH_RIDGE, depth_repair_errors
 
 LAYER_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], int]] = {}
 WIDTH_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], list["UnitScores"]]] = {}
@@ -64,6 +65,15 @@ def block_influence(model: nn.Module, adapter: DecoderAdapter, batches: list[Bat
     never chosen."""
     influences = block_influences(model, adapter, batches)
     return int(influences[: max(len(influences) - 2, 1)].argmin())
+
+
+@layer_criterion("repair_error")
+def repair_error(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> int:
+    """The layer whose removal the closed-form depth repair restores best: the lowest relative error left after
+    the re-fit (`depth_repair_errors`, at the default depth ridge), where block influence ranks the plain cut.
+    The last two layers are never chosen. Meant with `--compensation lstsq` (the search refuses it without)."""
+    errors = depth_repair_errors(model, adapter, batches, DEFAULT_DEPTH_RIDGE)
+    return int(errors[: max(len(errors) - 2, 1)].argmin())
 
 
 @torch.no_grad()

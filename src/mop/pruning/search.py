@@ -92,6 +92,8 @@ class SearchConfig:
                                       ("compensation", self.compensation, COMPENSATIONS)):
             if value not in registry:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
+        if self.layer_criterion == "repair_error" and self.compensation == "none":
+            raise MopError("layer criterion repair_error ranks layers by what the repair leaves: give --compensation lstsq")
         if self.tensor_parallel < 1 or self.mlp_multiple < 1:
             raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
         if not (self.compensation_ridge > 0 and self.compensation_depth_ridge > 0):
