@@ -50,6 +50,8 @@ CELLS = {
     "shortgpt": {"method": "shortgpt"},
     "llm-pruner": {"method": "llm-pruner"},
     **{f"mop-bi-s{seed}": {"layer_criterion": "block_influence", "seed": seed} for seed in (0, 1, 2)},
+    # the search with the layer criterion that ranks layers by what the depth repair leaves
+    **{f"mop-re-s{seed}": {"layer_criterion": "repair_error", "seed": seed} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
 # recovery name → FinetuneConfig fields: the quality study's (benchmarks/study_quality.py: LoRA SFT on Alpaca, 32
