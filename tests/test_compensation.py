@@ -328,6 +328,22 @@ def test_every_method_records_its_repairs(tiny_dirs, tokenizer, tmp_path, method
         assert errors["lstsq"] < errors["none"], errors
 
 
+def test_a_search_by_repair_error_removes_the_layer_the_repair_restores_best(tiny_dirs, tmp_path):
+    """Depth steps of a search with `--layer-criterion repair_error`: each removes the layer (never one of the
+    last two) whose repair leaves the lowest error on the model as the step found it."""
+    loaded = load_model(str(tiny_dirs["qwen2"]))
+    config = SearchConfig(targets=[0.3], mode="depth", layer_criterion="repair_error", compensation="lstsq", **CALIB)
+    model = structural_copy(loaded.model)
+    calibration = calibration_batches(loaded, config)
+    methods.prune(loaded, config, tmp_path / "run")
+    steps = json.loads((tmp_path / "run" / "target-30" / "mop.json").read_text())["iterations"]
+    assert len(steps) >= 2
+    for step in steps:
+        errors = depth_repair_errors(model, loaded.adapter, calibration, DEFAULT_DEPTH_RIDGE)
+        assert step["layer"] == int(errors[:-2].argmin())
+        cut(model, loaded.adapter, calibration, config.compensation_settings, layer=step["layer"])
+
+
 def test_compensation_is_part_of_the_run_identity(tiny_dirs, tmp_path):
     loaded = load_model(str(tiny_dirs["llama-gqa"]))
     plain = SearchConfig(targets=[0.2])
