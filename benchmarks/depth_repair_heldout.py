@@ -13,21 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mop.models import load_model
-from mop.pruning.compensation import _calibration_pass, _DepthMoments, _full_weight, _output_energy
+from mop.pruning.compensation import _calibration_pass, _DepthMoments
 from mop.pruning.search import SearchConfig, calibration_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 RIDGES = (1e-4, 1e-2)
-
-
-def held_out(fit: _DepthMoments, test: _DepthMoments, ridge: float) -> float:
-    """The relative error on `test`'s tokens of the repair fitted on `fit`'s."""
-    refitted = fit.fit(ridge)[0]
-    correction = refitted - _full_weight(fit.down, refitted.device)  # D [d, inter (+1)]
-    n = max(test.h.tokens, 1)
-    residual = (test.delta_energy / n - 2 * float((correction * (test.cross / n)).sum())
-                + _output_energy(correction, test.h.mean))
-    return residual / (test.out_energy / n)
 
 
 def main() -> None:
@@ -52,7 +42,7 @@ def main() -> None:
         cells = []
         for ridge in RIDGES:
             inside = sum(m.fit(ridge)[2] for m in moments) / 2
-            outside = sum(held_out(a, b, ridge) for a, b in (moments, moments[::-1])) / 2
+            outside = sum(test.error(fit.correction(ridge)) for fit, test in (moments, moments[::-1])) / 2
             cells += [f"{inside:.5f}", f"{outside:.5f}"]
         lines.append(f"| {index} | {plain:.5f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)

@@ -351,19 +351,27 @@ class _DepthMoments:
         self.delta_energy += float(delta.double().square().sum())
         self.out_energy += float(x_out.double().square().sum())
 
+    def correction(self, ridge: float) -> torch.Tensor:
+        """D = C_Δh (C_hh + λI)⁻¹ [d, inter (+1)], float64: what the re-fit adds to the down_proj weight."""
+        c_hh = self.h.mean
+        lam = ridge * c_hh.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
+        return _solve_spd(c_hh + lam * eye, self.cross.T / max(self.h.tokens, 1)).T
+
+    def error(self, correction: torch.Tensor) -> float:
+        """E‖Δ − D h‖² / E‖x_out‖² on these moments' tokens for a correction D (fitted on these or others):
+        E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ) over the output's energy."""
+        n = max(self.h.tokens, 1)
+        residual = (self.delta_energy / n - 2 * float((correction * (self.cross / n)).sum())
+                    + _output_energy(correction, self.h.mean))
+        return max(residual, 0.0) / max(self.out_energy / n, 1e-300)
+
     def fit(self, ridge: float) -> tuple[torch.Tensor, float, float]:
         """The re-fitted down_proj weight [d, inter (+1)] (float64, the bias as a last column), and the relative
         errors E‖Δ − D h‖² / E‖x_out‖² before (D = 0: the plain cut) and after."""
-        n = max(self.h.tokens, 1)
-        c_hh, c_dh = self.h.mean, self.cross / n
-        lam = ridge * c_hh.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(len(c_hh), dtype=c_hh.dtype, device=c_hh.device)
-        correction = _solve_spd(c_hh + lam * eye, c_dh.T).T  # D = C_Δh (C_hh + λI)⁻¹, [d, inter (+1)]
-        # E‖Δ − D h‖² = E‖Δ‖² − 2 tr(D C_hΔ) + tr(D C_hh Dᵀ)
-        residual = self.delta_energy / n - 2 * float((correction * c_dh).sum()) + _output_energy(correction, c_hh)
-        out = max(self.out_energy / n, 1e-300)
-        refitted = _full_weight(self.down, c_hh.device) + correction
-        return refitted, self.delta_energy / n / out, max(residual, 0.0) / out
+        correction = self.correction(ridge)
+        before = self.delta_energy / max(self.out_energy, 1e-300)
+        return _full_weight(self.down, correction.device) + correction, before, self.error(correction)
 
 
 def depth_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], index: int,
