@@ -12,11 +12,14 @@ width-only at 20% of all parameters), then repair each layer's down_proj:
 - `width-residual`: the same inputs, and as target what brings the cut stream's residual back to the uncut
   stream's after the layer (upstream drift corrected too);
 - `width-obs`: the neurons chosen by the repair's own error instead of AMP (greedy structured OBS on each
-  layer's Gram: remove the column with least ‖W_j‖² / [C⁻¹]_jj, update W and C⁻¹), then the library's repair;
+  layer's Gram, one neuron a round: the library's `elimination_order`, which `--width-criterion repair_error`
+  runs in 64 rounds), then the library's repair;
 - `width-intercept`: the library's repair with a bias on down_proj absorbing the mean of what was cut (FLAP's
   compensation; LLaMA's `mlp_bias` would carry it, with gate and up biases of zero).
 
-Cells ending in `-n128` calibrate on 128 prompts instead (the default of `mop prune`).
+Cells ending in `-n128` calibrate on 128 prompts instead (the default of `mop prune`); cells ending in `-pN`
+on N packed windows of exactly 512 tokens of the joined validation text (`--calib-packed`: GPTQ's and
+SparseGPT's calibration; 32 prompts hold about 4,700 tokens, 32 windows 16,384).
 
 Depth cells (`depth-rR`) remove ShortGPT's 8 lowest-block-influence layers (20% of the parameters), repaired by
 the library's `depth_repair` with ridge R (see ablation_depth_repair.py for the map placement).
@@ -40,7 +43,7 @@ from mop import data
 from mop.evaluation.perplexity import segments_perplexity
 from mop.models import load_model
 from mop.pruning.compensation import (CompensationSettings, _calibration_pass, _Moments, depth_repair,
-                                      recorded_width_moments, refit_columns, width_repair)
+                                      elimination_order, recorded_width_moments, refit_columns, width_repair)
 from mop.pruning.criteria import amp
 from mop.pruning.methods.shortgpt import block_influences, consecutive_runs, removal_order
 from mop.pruning.search import SearchConfig, calibration_batches
@@ -52,25 +55,11 @@ DEPTH_LAYERS = 8
 RIDGES = (1e-3, 1e-2, 1e-1, 3e-1, 1.0)
 CELLS = (["width-none"] + [f"width-lstsq-r{r:g}" for r in RIDGES]
          + ["width-sequential", "width-residual", "width-obs", "width-intercept"]
-         + [f"depth-r{r:g}" for r in (1e-5, 1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)])
+         + [f"depth-r{r:g}" for r in (1e-5, 1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)]
+         + ["width-lstsq-r0.1-p128", "depth-r0.0001-p128", "width-obs-p128", "width-lstsq-r0.1-p32",
+            "width-none-p128", "width-lstsq-r0.01-p128", "depth-r0.0001-p32"])
+CALIBRATIONS = {"": (32, False), "-n128": (128, False), "-p32": (32, True), "-p128": (128, True)}  # suffix → (samples, packed)
 RIDGE = 1e-2  # of the cells that do not sweep it
-
-
-def obs_choice(weight: torch.Tensor, gram: torch.Tensor, count: int, ridge: float) -> list[int]:
-    """`count` input columns of `weight` [out, n] (float64) to remove, greedily, each the one whose removal with
-    the optimal re-fit of the rest costs least on inputs of second moment `gram` [n, n]."""
-    n = len(gram)
-    inverse = torch.linalg.inv(gram + ridge * gram.diagonal().mean() * torch.eye(n, dtype=gram.dtype))
-    weight, alive, removed = weight.clone(), torch.ones(n, dtype=torch.bool), []
-    for _ in range(count):
-        cost = weight.square().sum(0) / inverse.diagonal()
-        cost[~alive] = float("inf")
-        j = int(cost.argmin())
-        weight.addr_(weight[:, j] / inverse[j, j], inverse[j], alpha=-1)
-        inverse.addr_(inverse[:, j] / inverse[j, j], inverse[j], alpha=-1)
-        alive[j] = False
-        removed.append(j)
-    return removed
 
 
 def layer_inputs(model: nn.Module, layers, batches) -> tuple[list[torch.Tensor], list[dict]]:
@@ -151,8 +140,10 @@ def width_cell(loaded, batches, cell: str) -> nn.Module:
         scores = amp(model, adapter, batches)
     cut_count = layers[0].mlp.down_proj.in_features - KEEP_NEURONS
     if cell == "width-obs":
-        cuts = [obs_choice(layer.mlp.down_proj.weight.detach().double(), moments[f"{i}.mlp.down_proj"].mean,
-                           cut_count, RIDGE) for i, layer in enumerate(layers)]
+        orders = [elimination_order(layer.mlp.down_proj.weight.detach().double(), moments[f"{i}.mlp.down_proj"].mean,
+                                    torch.arange(layer.mlp.down_proj.in_features)[:, None], RIDGE)
+                  for i, layer in enumerate(layers)]
+        cuts = [sorted(torch.argsort(order)[:cut_count].tolist()) for order in orders]
     else:
         cuts = [torch.argsort(s.neurons, stable=True)[:cut_count].tolist() for s in scores]
     if cell in ("width-sequential", "width-residual"):
@@ -169,7 +160,7 @@ def width_cell(loaded, batches, cell: str) -> nn.Module:
             down.weight = nn.Parameter(repaired[:, :-1].float(), requires_grad=False)
             down.bias = nn.Parameter(repaired[:, -1].float(), requires_grad=False)
     elif cell != "width-none":
-        ridge = float(cell.removesuffix("-n128").split("-r")[-1]) if "-r" in cell else RIDGE
+        ridge = float(cell.split("-r")[-1]) if "-r" in cell else RIDGE
         width_moments = {path: m for path, m in moments.items() if path.endswith("down_proj")}
         width_repair(model, adapter, batches, [[] for _ in layers], cuts, CompensationSettings("lstsq", ridge),
                      width_moments).apply(model, adapter)
@@ -203,13 +194,16 @@ def main() -> None:
         path = DOCS / f"{cell}.json"
         if path.exists():
             continue
-        samples = 128 if cell.endswith("-n128") else 32
+        suffix = next(s for s in sorted(CALIBRATIONS, key=len, reverse=True) if cell.endswith(s))
+        samples, packed = CALIBRATIONS[suffix]
         batches = calibration_batches(loaded, SearchConfig(targets=[0.2], calib="wikitext2-valid",
-                                                           calib_samples=samples))
+                                                           calib_samples=samples, calib_packed=packed))
         started = time.perf_counter()
-        model = (width_cell if cell.startswith("width") else depth_cell)(loaded, batches, cell)
+        base = cell.removesuffix(suffix) if suffix else cell
+        model = (width_cell if cell.startswith("width") else depth_cell)(loaded, batches, base)
         result = {"cell": cell, "calib": "wikitext2-valid", "calib_samples": samples, "device": "cpu",
-                  "seconds": round(time.perf_counter() - started, 1), "ppl8": segments_perplexity(model, segments)}
+                  "seconds": round(time.perf_counter() - started, 1), "ppl8": segments_perplexity(model, segments),
+                  **({"calib_packed": True} if packed else {})}
         path.write_text(json.dumps(result, indent=1))
         print(cell, f"{result['ppl8']:.2f}", flush=True)
 

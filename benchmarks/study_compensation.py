@@ -89,6 +89,11 @@ def cells() -> dict[str, dict]:
             **fields, "compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32, **RIDGES}
     found["mop-re-lstsq-wikitext2-valid-r0.1-d0.001"] = {
         "layer_criterion": "repair_error", "compensation": "lstsq", "calib": "wikitext2-valid", **RIDGES}
+    # the width criterion that ranks units by what the width repair leaves (`--width-criterion repair_error`)
+    # against AMP, width-only on the job's 32 prompts
+    found["width-wre-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
+        "mode": "width", "width_criterion": "repair_error", "compensation": "lstsq", "calib": "wikitext2-valid",
+        "calib_samples": 32, **RIDGES}
     # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
     # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
     found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
@@ -100,6 +105,7 @@ def cells() -> dict[str, dict]:
 
 def command(fields: dict, targets: tuple[float, ...] = TARGETS) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
+               "width_criterion": "--width-criterion",
                "compensation": "--compensation", "calib": "--calib", "compensation_ridge": "--compensation-ridge",
                "compensation_depth_ridge": "--compensation-depth-ridge", "calib_samples": "--calib-samples",
                "path_criterion": "--path-criterion", "tune_steps_per_iteration": "--tune-steps",

@@ -16,8 +16,8 @@ from mop.models import load_model
 from mop.models.adapters import adapter_for
 from mop.pruning import methods
 from mop.pruning.compensation import (DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, CompensationSettings, Repair, cut,
-                                      _Moments, depth_repair, depth_repair_errors, refit_columns,
-                                      width_repair)
+                                      _Moments, depth_repair, depth_repair_errors, elimination_order,
+                                      refit_columns, width_elimination_orders, width_repair)
 from mop.pruning.search import Search, SearchConfig, calibration_batches
 from mop.pruning.surgery import structural_copy
 
@@ -168,10 +168,64 @@ def test_the_repair_error_of_each_layer_is_what_its_depth_repair_leaves(monkeypa
     assert errors[-1] < 1e-6 and errors[-1] < errors[:-1].min() / 100
 
 
-def test_repair_error_needs_the_repair():
+@pytest.mark.parametrize("criterion", ["layer_criterion", "width_criterion"])
+def test_repair_error_needs_the_repair(criterion):
     with pytest.raises(MopError, match="repair_error"):
-        SearchConfig(targets=[0.2], layer_criterion="repair_error").validate()
-    SearchConfig(targets=[0.2], layer_criterion="repair_error", compensation="lstsq").validate()
+        SearchConfig(targets=[0.2], **{criterion: "repair_error"}).validate()
+    SearchConfig(targets=[0.2], **{criterion: "repair_error"}, compensation="lstsq").validate()
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_elimination_order_is_greedy_least_squares(width):
+    """Each round of `elimination_order` removes the unit whose removal, beside the units removed before it and
+    with every other column re-fitted from the original weight (`refit_columns`), leaves the least error: the
+    inverse and weight updates it carries from round to round lose nothing. Units of `width` columns; the last
+    column belongs to no unit (a bias's constant input) and is never removed."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 13, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 2, 13, dtype=torch.float64)
+    x[:, 4] = 0.7 * x[:, 9] - 0.2 * x[:, 1] + 0.05 * torch.randn(500, generator=generator, dtype=torch.float64)
+    x[:, 12] = 1.0
+    gram = x.T @ x / len(x)
+    weight = torch.randn(5, 13, generator=generator, dtype=torch.float64)
+    units = torch.arange(12).view(-1, width)
+    rank = elimination_order(weight, gram, units, 1e-12)
+    removed = torch.zeros(13, dtype=torch.bool)
+    for step in range(len(units)):
+        alive = [u for u in range(len(units)) if not removed[units[u]].any()]
+
+        def error(u: int) -> float:
+            keep = ~removed.clone()
+            keep[units[u]] = False
+            return refit_columns(weight, gram, keep, 1e-12)[2]
+
+        best = min(alive, key=error)
+        assert rank[best] == step, (step, best, rank)
+        removed[units[best]] = True
+    assert sorted(rank.tolist()) == list(range(len(units)))
+
+
+def test_width_repair_error_cuts_first_a_neuron_the_others_stand_in_for(tokenizer):
+    """A large neuron that is a multiple of a kept one: AMP keeps it among the most important, the width
+    criterion `repair_error` removes it (or its twin) first; heads and neurons of every layer get a full rank."""
+    from mop.pruning.criteria import amp, repair_order
+
+    model = tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    mlp = adapter.layers(model)[2].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[7] = mlp.gate_proj.weight[3]
+        mlp.up_proj.weight[7] = 2.5 * mlp.up_proj.weight[3]
+        mlp.down_proj.weight[:, 7] *= 20
+    calibration = random_batches()
+    shape = adapter.shape(model)
+    scores = repair_order(model, adapter, calibration)
+    assert min(scores[2].neurons[3], scores[2].neurons[7]) == 0
+    assert amp(model, adapter, calibration)[2].neurons.argsort().tolist().index(7) > shape.intermediate // 2
+    for layer in scores:
+        assert sorted(layer.groups.tolist()) == list(range(shape.kv_heads))
+        assert sorted(layer.neurons.tolist()) == list(range(shape.intermediate))
+    orders = width_elimination_orders(model, adapter, calibration, None, DEFAULT_RIDGE)
+    assert all(torch.equal(s.neurons, n) and torch.equal(s.groups, g) for s, (g, n) in zip(scores, orders))
 
 
 def test_the_first_layer_is_removed_without_repair(tokenizer):
@@ -216,6 +270,52 @@ def test_width_grams_ride_on_the_scoring_pass(tiny_dirs, tmp_path):
     for name, parameter in replayed.named_parameters():
         assert torch.equal(parameter, stepped[name]), name
     assert record["compensation"] and all(r["error_after"] < r["error_before"] for r in record["compensation"])
+
+
+def test_a_width_step_by_repair_error_reads_the_grams_once_and_cuts_its_lowest_units(tiny_dirs, tmp_path):
+    """With `--width-criterion repair_error` a compensated width step runs one pass over the calibration, whose
+    Grams both rank the units and repair the cut; it removes the criterion's lowest units, and its repair leaves
+    less error than AMP's cut of the same counts repaired alike."""
+    from mop.pruning.criteria import repair_order
+    from mop.pruning.width import WidthPlan, lowest_units
+
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    records = {}
+    for criterion in ("amp", "repair_error"):
+        config = SearchConfig(targets=[0.2], mode="width", width_criterion=criterion, compensation="lstsq", **CALIB)
+        search = Search(loaded, config, tmp_path / criterion)
+        model = structural_copy(loaded.model)
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        records[criterion] = search.step(model, 1)
+        handle.remove()
+        assert len(calls) == len(search.calibration)
+    plan = WidthPlan(**records["repair_error"]["width_plan"])
+    groups, neurons = lowest_units(repair_order(loaded.model, loaded.adapter, search.calibration), plan)
+    assert records["repair_error"]["removed"] == {"groups": groups, "neurons": neurons}
+    error = {c: sum(r["error_after"] for r in record["compensation"]) for c, record in records.items()}
+    assert error["repair_error"] < error["amp"], error
+
+
+def test_packed_calibration_is_windows_of_the_joined_text(tiny_dirs):
+    """`--calib-packed`: `calib_samples` windows of exactly `calib_max_length` tokens, each a contiguous slice of
+    the joined calibration text, every position real, the same draw every time; the option enters a run's
+    identity only when set, and a text too short for one window is refused in one line."""
+    loaded = load_model(str(tiny_dirs["llama-gqa"]))
+    config = SearchConfig(targets=[0.2], calib="wikitext2-valid", calib_samples=6, calib_max_length=40,
+                          calib_packed=True, batch_size=4)
+    packed = calibration_batches(loaded, config)
+    assert [tuple(b.input_ids.shape) for b in packed] == [(4, 40), (2, 40)]
+    assert all(bool(b.attention_mask.all()) for b in packed)
+    joined = torch.tensor(loaded.tokenizer("\n\n".join(data.load_calibration("wikitext2-valid")))["input_ids"])
+    slices = joined.unfold(0, 40, 1)  # [N − 39, 40], every contiguous window
+    for window in torch.cat([b.input_ids for b in packed]):
+        assert bool((slices == window).all(1).any())
+    again = calibration_batches(loaded, config)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(packed, again))
+    assert "calib_packed" not in SearchConfig(targets=[0.2]).identity() and config.identity()["calib_packed"] is True
+    with pytest.raises(MopError, match="too few"):
+        data.packed_windows(loaded.tokenizer, ["a short text"], 2, 40, 0)
 
 
 def held_out_error(model: nn.Module, dense_logits: torch.Tensor, ids: torch.Tensor) -> float:

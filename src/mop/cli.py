@@ -215,6 +215,9 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
                         help="calibration data (AMP, block influence, compensation): alpaca, c4, wikitext2-valid or a file")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-max-length", type=int, default=512)
+    parser.add_argument("--calib-packed", action="store_true",
+                        help="calibrate on --calib-samples windows of exactly --calib-max-length tokens of the joined "
+                             "texts (GPTQ's and SparseGPT's calibration) instead of one text, truncated, per prompt")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per scoring forward pass")
     parser.add_argument("--path-data", default="wikitext2", help="data for the cosine/kl/ppl path criteria")
     parser.add_argument("--path-samples", type=int, default=128, help="texts for cosine and kl")
@@ -242,8 +245,8 @@ def _search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
         compression_of=args.compression_of, compensation=args.compensation,
         compensation_ridge=args.compensation_ridge, compensation_depth_ridge=args.compensation_depth_ridge,
         calib=args.calib,
-        calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, batch_size=args.batch_size,
-        path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
+        calib_samples=args.calib_samples, calib_max_length=args.calib_max_length, calib_packed=args.calib_packed,
+        batch_size=args.batch_size, path_data=args.path_data, path_samples=args.path_samples, path_max_length=args.path_max_length,
         ppl_segment_length=args.ppl_segment_length, ppl_segments=args.ppl_segments, tune_data=args.tune_data,
         tune_steps_per_iteration=args.tune_steps, tensor_parallel=args.tensor_parallel, mlp_multiple=args.mlp_multiple,
         lora=LoraSettings(batch_size=args.tune_batch_size, micro_batch_size=args.tune_micro_batch_size,

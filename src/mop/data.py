@@ -238,6 +238,17 @@ def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) 
     return [collate(ids[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(ids), batch_size)]
 
 
+def packed_windows(tokenizer, texts: list[str], n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` windows of exactly `length` token ids at random offsets (drawn with `seed`) in the texts joined by
+    blank lines and tokenized once: the calibration of GPTQ, SparseGPT and SlimGPT, every position a real token
+    with up to `length` tokens of context, where one text a prompt leaves short paragraphs and padding."""
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    if len(ids) <= length:
+        raise MopError(f"the calibration text has {len(ids)} tokens: too few for packed windows of {length}")
+    draw = random.Random(seed)
+    return [ids[start : start + length] for start in (draw.randrange(len(ids) - length) for _ in range(n))]
+
+
 def token_segments(tokenizer, texts: list[str], length: int, limit: int | None = None) -> list[torch.Tensor]:
     """The texts joined by blank lines, tokenized, cut into `length`-token segments ([length] ids each); a
     shorter tail is kept only if there is no full segment."""

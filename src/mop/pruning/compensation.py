@@ -303,29 +303,98 @@ def width_repair(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]
             keep = torch.ones(shape.intermediate, dtype=torch.bool)
             keep[neurons[i]] = False
             keeps[f"{i}.mlp.down_proj"] = keep
-    paths = list(keeps)
-    if moments:
-        chunks = [paths]
-    else:  # passes of their own, a chunk of layers within GRAM_BYTES at a time
-        chunks = [[paths[c] for c in chunk] for chunk in _layer_chunks([_gram_bytes(consumers[p]) for p in paths])]
     repair = Repair()
-    for chunk in chunks:
-        if not moments:
-            chunk_moments = {p: _Moments(consumers[p].in_features, consumers[p].bias is not None) for p in chunk}
-            _calibration_pass(model, batches, [(consumers[p], "pre", chunk_moments[p].add) for p in chunk])
-        else:
-            chunk_moments = moments
-        for path in chunk:
-            linear, m = consumers[path], chunk_moments[path]
-            keep = torch.cat([keeps[path], keeps[path].new_ones(1)]) if m.bias else keeps[path]  # the constant stays
-            gram = m.mean
-            keep = keep.to(gram.device)
-            weight, before, after = refit_columns(_full_weight(linear, gram.device), gram, keep, settings.ridge)
-            repair.weights[path] = (weight[:, :-1] if m.bias else weight, weight[:, -1] if m.bias else None)
-            layer, module = path.split(".", 1)
-            repair.records.append({"layer": int(layer), "module": module, "error_before": before,
-                                   "error_after": after, "tokens": m.tokens})
+    for path, m in width_moments(model, adapter, batches, list(keeps), moments):
+        linear = consumers[path]
+        keep = torch.cat([keeps[path], keeps[path].new_ones(1)]) if m.bias else keeps[path]  # the constant stays
+        gram = m.mean
+        keep = keep.to(gram.device)
+        weight, before, after = refit_columns(_full_weight(linear, gram.device), gram, keep, settings.ridge)
+        repair.weights[path] = (weight[:, :-1] if m.bias else weight, weight[:, -1] if m.bias else None)
+        layer, module = path.split(".", 1)
+        repair.records.append({"layer": int(layer), "module": module, "error_before": before,
+                               "error_after": after, "tokens": m.tokens})
     return repair
+
+
+def width_moments(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], paths: list[str],
+                  moments: dict[str, _Moments] | None = None) -> Iterator[tuple[str, _Moments]]:
+    """(path, moments) of the inputs of the width consumers `paths` (`_width_consumers`' keys) over `batches`:
+    from `moments` (filled by `recorded_width_moments`) when given, else read by passes of their own, a chunk of
+    layers within GRAM_BYTES at a time, each chunk's Grams dropped before the next is read."""
+    if moments:
+        yield from ((path, moments[path]) for path in paths)
+        return
+    consumers = _width_consumers(model, adapter)
+    for chunk in _layer_chunks([_gram_bytes(consumers[p]) for p in paths]):
+        chunk_moments = {paths[c]: _Moments(consumers[paths[c]].in_features, consumers[paths[c]].bias is not None)
+                         for c in chunk}
+        _calibration_pass(model, batches, [(consumers[p], "pre", m.add) for p, m in chunk_moments.items()])
+        yield from chunk_moments.items()
+
+
+def width_elimination_orders(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch],
+                             moments: dict[str, _Moments] | None, ridge: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, the `elimination_order` of its KV groups (o_proj's input columns of their n_rep query
+    heads) and of its MLP neurons (down_proj's input columns, 64 rounds), [kv_heads] and [intermediate]
+    float64, from the Grams over `batches` (`moments`: see `width_moments`)."""
+    shape = adapter.shape(model)
+    layers = adapter.layers(model)
+    group_columns = torch.arange(shape.heads * shape.head_dim).view(shape.kv_heads, -1)  # [kv_heads, n_rep·d_h]
+    neuron_columns = torch.arange(shape.intermediate)[:, None]  # [intermediate, 1]
+    per_round = {"self_attn.o_proj": 1, "mlp.down_proj": max(1, shape.intermediate // 64)}
+    paths = [f"{i}.{module}" for i in range(len(layers)) for module in per_round]
+    orders: dict[str, torch.Tensor] = {}
+    for path, m in width_moments(model, adapter, batches, paths, moments):
+        index, module = path.split(".", 1)
+        gram = m.mean
+        weight = _full_weight(layers[int(index)].get_submodule(module), gram.device)
+        columns = group_columns if module == "self_attn.o_proj" else neuron_columns
+        orders[path] = elimination_order(weight, gram, columns, ridge, per_round[module])
+    return [(orders[f"{i}.self_attn.o_proj"], orders[f"{i}.mlp.down_proj"]) for i in range(len(layers))]
+
+
+def elimination_order(weight: torch.Tensor, gram: torch.Tensor, unit_columns: torch.Tensor, ridge: float,
+                      per_round: int = 1) -> torch.Tensor:
+    """The order in which greedy elimination with least-squares repair removes the units of a module (Optimal
+    Brain Surgeon for structures, as in SlimGPT and ZipLM). `weight` [out, n] (float64) reads inputs of second
+    moment `gram` [n, n]; unit u owns the input columns `unit_columns[u]` [U, c] (columns of no unit, such as a
+    bias's constant input, are never removed). Each round removes the `per_round` units whose removal, with
+    every remaining column re-fitted, costs least output energy,
+
+        cost(u) = tr(W_u [(C + λI)⁻¹]_uu⁻¹ W_uᵀ),   λ = ridge · mean(diag C),
+
+    then applies that re-fit to W and restricts the inverse to what is left. Returns each unit's round-wise rank
+    [U] float64 (0: removed first; within a round, by cost)."""
+    n = len(gram)
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + lam * eye))  # [n, n]
+    weight = weight.clone()
+    columns = torch.arange(n, device=gram.device)  # the original index of each column still held
+    units = unit_columns.to(gram.device)  # [U_alive, c], positions into the held columns
+    alive = torch.arange(len(unit_columns))
+    rank = torch.empty(len(unit_columns), dtype=torch.float64)
+    removed = 0
+    while len(alive):
+        w = weight[:, units].permute(1, 0, 2)  # [U_alive, out, c]
+        block = inverse[units[:, :, None], units[:, None, :]]  # [U_alive, c, c]
+        cost = (w * torch.linalg.solve(block, w.transpose(1, 2)).transpose(1, 2)).sum((1, 2))  # [U_alive]
+        order = torch.sort(cost, stable=True).indices[:per_round]
+        rank[alive[order]] = torch.arange(removed, removed + len(order), dtype=torch.float64)
+        removed += len(order)
+        cut = units[order].flatten()  # positions of the removed columns
+        solved = torch.linalg.solve(inverse[cut][:, cut], inverse[cut])  # [r, n]
+        weight = weight - weight[:, cut] @ solved
+        inverse = inverse - inverse[:, cut] @ solved
+        keep = torch.ones(len(columns), dtype=torch.bool, device=gram.device)
+        keep[cut] = False
+        survivors = torch.ones(len(alive), dtype=torch.bool)
+        survivors[order] = False
+        position = torch.cumsum(keep, 0) - 1  # old position → new position among the kept columns
+        weight, inverse, columns = weight[:, keep], inverse[keep][:, keep], columns[keep]
+        units, alive = position[units[survivors.to(units.device)]], alive[survivors]
+    return rank
 
 
 class _DepthMoments:

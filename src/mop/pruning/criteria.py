@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from mop.data import Batch
 from mop.evaluation.perplexity import segments_perplexity
 from mop.models import DecoderAdapter, input_device
-from mop.pruning.compensation import DEFAULT_DEPTH_RIDGE, depth_repair_errors
+from mop.pruning.compensation import DEFAULT_DEPTH_RIDGE, DEFAULT_RIDGE, depth_repair_errors, width_elimination_orders
 
 LAYER_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], int]] = {}
-WIDTH_CRITERIA: dict[str, Callable[[nn.Module, DecoderAdapter, list[Batch]], list["UnitScores"]]] = {}
+WIDTH_CRITERIA: dict[str, Callable[..., list["UnitScores"]]] = {}
+# width criteria that read the Grams of the width repair (called with `moments=`, see `width_criterion`)
+WIDTH_CRITERIA_READING_MOMENTS: set[str] = set()
 PATH_CRITERIA: dict[str, "PathCriterion"] = {}
 CHUNK_ELEMENTS = 1 << 20  # bound on the temporary tensors of a scoring hook (elements)
 
@@ -34,9 +36,14 @@ def layer_criterion(name: str):
     return register
 
 
-def width_criterion(name: str):
+def width_criterion(name: str, reads_moments: bool = False):
+    """Register fn(model, adapter, batches) → [UnitScores per layer]. With `reads_moments`, fn also takes
+    `moments=`: the recording of the width repair's input Grams (`recorded_width_moments`) open around the call,
+    which the criterion's own pass fills and which the repair then reuses (empty: fn reads the Grams itself)."""
     def register(fn):
         WIDTH_CRITERIA[name] = fn
+        if reads_moments:
+            WIDTH_CRITERIA_READING_MOMENTS.add(name)
         return fn
 
     return register
@@ -177,6 +184,22 @@ def amp(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch]) -> list
     heads, neurons = heads / prompts, neurons / prompts
     groups = heads.view(len(layers), shape.kv_heads, shape.n_rep).mean(-1)
     return [UnitScores(groups[i], neurons[i]) for i in range(len(layers))]
+
+
+@width_criterion("repair_error", reads_moments=True)
+@torch.no_grad()
+def repair_order(model: nn.Module, adapter: DecoderAdapter, batches: list[Batch], moments: dict | None = None
+                 ) -> list[UnitScores]:
+    """Units ranked by what the closed-form width repair leaves, where AMP ranks them by their plain contribution:
+    per layer, the order in which greedy elimination with least-squares re-fit of what remains removes KV groups
+    from o_proj's input and neurons from down_proj's (`width_elimination_orders`, at the default width ridge).
+    A unit the others can stand in for goes first, however large its own output. Meant with `--compensation
+    lstsq` (the search refuses it without)."""
+    if moments:  # an open recording: this pass fills it
+        for batch in batches:
+            _forward(model, batch)
+    orders = width_elimination_orders(model, adapter, batches, moments, DEFAULT_RIDGE)
+    return [UnitScores(groups, neurons) for groups, neurons in orders]
 
 
 # ---------------------------------------------------------------- path criteria

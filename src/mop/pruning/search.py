@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from mop import data
 from mop.pruning.compensation import (METHODS as COMPENSATIONS, CompensationSettings, Repair, compensation_record, cut,
                                      recorded_width_moments, repair_for)
-from mop.pruning.criteria import LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, PathReference, build_reference, coin
+from mop.pruning.criteria import (LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, WIDTH_CRITERIA_READING_MOMENTS,
+                                  PathReference, build_reference, coin)
 from mop.errors import MopError
 from mop.provenance import command, versions
 from mop.models import (LoadedModel, count_all_params, count_params, embedding_params, layer_params,
@@ -59,6 +60,7 @@ class SearchConfig:
     calib: str = "alpaca"  # AMP and block-influence prompts
     calib_samples: int = 128
     calib_max_length: int = 512
+    calib_packed: bool = False  # windows of exactly calib_max_length tokens of the joined texts, not one text each
     batch_size: int = 4  # prompts per scoring forward pass (AMP, block influence, path references)
     path_data: str = "wikitext2"  # cosine / kl texts and ppl text
     path_samples: int = 128
@@ -92,8 +94,9 @@ class SearchConfig:
                                       ("compensation", self.compensation, COMPENSATIONS)):
             if value not in registry:
                 raise MopError(f"unknown {name} {value}; choose one of {', '.join(registry)}")
-        if self.layer_criterion == "repair_error" and self.compensation == "none":
-            raise MopError("layer criterion repair_error ranks layers by what the repair leaves: give --compensation lstsq")
+        for kind, criterion in (("layer", self.layer_criterion), ("width", self.width_criterion)):
+            if criterion == "repair_error" and self.compensation == "none":
+                raise MopError(f"{kind} criterion repair_error ranks by what the repair leaves: give --compensation lstsq")
         if self.tensor_parallel < 1 or self.mlp_multiple < 1:
             raise MopError("tensor_parallel and mlp_multiple are counts of at least 1")
         if not (self.compensation_ridge > 0 and self.compensation_depth_ridge > 0):
@@ -116,10 +119,11 @@ class SearchConfig:
     def identity(self) -> dict:
         """Everything that decides the path; the targets only decide where it stops, except that speed targets
         match the width steps in latency (`step_matching`; the latency model itself is in the run's identity).
-        An alignment of 1 (none) and no compensation are left out: such runs are the runs made before the options
-        existed, and stay theirs; so is a depth ridge equal to the width ridge (one ridge for both, as before the
+        An alignment of 1 (none), unpacked calibration and no compensation are left out: such runs are the runs
+        made before the options existed, and stay theirs; so is a depth ridge equal to the width ridge (one ridge for both, as before the
         depth ridge was an option)."""
-        unset = {"tensor_parallel": 1, "mlp_multiple": 1, "compensation_depth_ridge": self.compensation_ridge}
+        unset = {"tensor_parallel": 1, "mlp_multiple": 1, "compensation_depth_ridge": self.compensation_ridge,
+                 "calib_packed": False}
         if self.compensation == "none":
             unset.update(compensation="none", compensation_ridge=self.compensation_ridge,
                          compensation_depth_ridge=self.compensation_depth_ridge)
@@ -250,11 +254,13 @@ class Search:
     # ------------------------------------------------------------ one iteration
 
     def _width_candidate(self, model: nn.Module, plan: WidthPlan) -> tuple[dict, Repair | None]:
-        """The KV groups and neurons (indices per layer) the width step removes, the lowest AMP scores, and
-        their repair when compensation is on, from the Grams recorded during the scoring pass itself."""
-        settings = self.config.compensation_settings
-        with recorded_width_moments(model, self.adapter, settings.enabled) as moments:
-            scores = WIDTH_CRITERIA[self.config.width_criterion](model, self.adapter, self.calibration)
+        """The KV groups and neurons (indices per layer) the width step removes, the lowest scores of the width
+        criterion, and their repair when compensation is on, from the Grams recorded during the scoring pass."""
+        settings, name = self.config.compensation_settings, self.config.width_criterion
+        reads = name in WIDTH_CRITERIA_READING_MOMENTS
+        with recorded_width_moments(model, self.adapter, settings.enabled or reads) as moments:
+            shared = {"moments": moments} if reads else {}
+            scores = WIDTH_CRITERIA[name](model, self.adapter, self.calibration, **shared)
         groups, neurons = lowest_units(scores, plan)
         removed = {"groups": groups, "neurons": neurons}
         return removed, repair_for(model, self.adapter, self.calibration, settings, width=removed, moments=moments)
@@ -489,9 +495,14 @@ def texts_or_samples(loaded: LoadedModel, spec: str, n: int, length: int) -> lis
 
 def calibration_batches(loaded: LoadedModel, config: SearchConfig) -> list[data.Batch]:
     """The run's calibration prompts, for every method: `config.calib_samples` of `config.calib`'s texts drawn
-    with the fixed DATA_SEED (whatever the run's seed), truncated to `config.calib_max_length` tokens,
+    with the fixed DATA_SEED (whatever the run's seed), truncated to `config.calib_max_length` tokens, or with
+    `config.calib_packed` as many windows of exactly that many tokens of the joined texts (`data.packed_windows`);
     `config.batch_size` a batch."""
     texts = texts_or_samples(loaded, config.calib, config.calib_samples, config.calib_max_length)
+    if config.calib_packed:
+        windows = data.packed_windows(loaded.tokenizer, texts, config.calib_samples, config.calib_max_length, DATA_SEED)
+        return [data.collate(windows[i : i + config.batch_size], loaded.tokenizer.pad_token_id)
+                for i in range(0, len(windows), config.batch_size)]
     texts = data.sample(texts, config.calib_samples, DATA_SEED)
     return data.text_batches(loaded.tokenizer, texts, config.calib_max_length, config.batch_size)
 
