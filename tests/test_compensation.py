@@ -182,7 +182,8 @@ def test_elimination_order_is_greedy_least_squares(width):
     inverse and weight updates it carries from round to round lose nothing. Units of `width` columns; the last
     column belongs to no unit (a bias's constant input) and is never removed."""
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(500, 13, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 2, 13, dtype=torch.float64)
+    mixing = torch.randn(13, 13, generator=generator, dtype=torch.float64)  # correlated columns: re-fits matter
+    x = torch.randn(500, 13, generator=generator, dtype=torch.float64) @ mixing
     x[:, 4] = 0.7 * x[:, 9] - 0.2 * x[:, 1] + 0.05 * torch.randn(500, generator=generator, dtype=torch.float64)
     x[:, 12] = 1.0
     gram = x.T @ x / len(x)
