@@ -96,10 +96,12 @@ def cells() -> dict[str, dict]:
         "calib_samples": 32, **RIDGES}
     # packed calibration (`--calib-packed`): 64 windows of 512 tokens of the joined validation text (32,768
     # tokens, against 17,454 in the default 128 prompts), the mixture and width-only
+    packed = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 64, "calib_packed": True}
     for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "width": {"mode": "width"}}.items():
-        found[f"{stem}-lstsq-wikitext2-valid-p64-r0.1-d0.001"] = {
-            **fields, "compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 64, "calib_packed": True,
-            **RIDGES}
+        found[f"{stem}-lstsq-wikitext2-valid-p64-r0.1-d0.001"] = {**fields, **packed, **RIDGES}
+    # ... and the mixture at the library's default ridges (width 1e-1, depth 1e-4), by both layer criteria
+    for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "mop-re": {"layer_criterion": "repair_error"}}.items():
+        found[f"{stem}-lstsq-wikitext2-valid-p64"] = {**fields, **packed}
     # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
     # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
     found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
