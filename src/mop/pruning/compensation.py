@@ -371,8 +371,7 @@ def elimination_order(weight: torch.Tensor, gram: torch.Tensor, unit_columns: to
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + lam * eye))  # [n, n]
     weight = weight.clone()
-    columns = torch.arange(n, device=gram.device)  # the original index of each column still held
-    units = unit_columns.to(gram.device)  # [U_alive, c], positions into the held columns
+    units = unit_columns.to(gram.device)  # [U_alive, c], positions into the columns still held
     alive = torch.arange(len(unit_columns))
     rank = torch.empty(len(unit_columns), dtype=torch.float64)
     removed = 0
@@ -387,12 +386,12 @@ def elimination_order(weight: torch.Tensor, gram: torch.Tensor, unit_columns: to
         solved = torch.linalg.solve(inverse[cut][:, cut], inverse[cut])  # [r, n]
         weight = weight - weight[:, cut] @ solved
         inverse = inverse - inverse[:, cut] @ solved
-        keep = torch.ones(len(columns), dtype=torch.bool, device=gram.device)
+        keep = torch.ones(weight.shape[1], dtype=torch.bool, device=gram.device)
         keep[cut] = False
         survivors = torch.ones(len(alive), dtype=torch.bool)
         survivors[order] = False
         position = torch.cumsum(keep, 0) - 1  # old position → new position among the kept columns
-        weight, inverse, columns = weight[:, keep], inverse[keep][:, keep], columns[keep]
+        weight, inverse = weight[:, keep], inverse[keep][:, keep]
         units, alive = position[units[survivors.to(units.device)]], alive[survivors]
     return rank
 
