@@ -22,7 +22,8 @@ on N packed windows of exactly 512 tokens of the joined validation text (`--cali
 SparseGPT's calibration; 32 prompts hold about 4,700 tokens, 32 windows 16,384).
 
 Depth cells (`depth-rR`) remove ShortGPT's 8 lowest-block-influence layers (20% of the parameters), repaired by
-the library's `depth_repair` with ridge R (see ablation_depth_repair.py for the map placement).
+the library's `depth_repair` with ridge R (see ablation_depth_repair.py for the map placement); `depth-none` removes
+them with no repair.
 
 One JSON per cell in docs/study/repair-ablation/; a rerun computes only missing ones.
 
@@ -57,7 +58,7 @@ CELLS = (["width-none"] + [f"width-lstsq-r{r:g}" for r in RIDGES]
          + ["width-sequential", "width-residual", "width-obs", "width-intercept"]
          + [f"depth-r{r:g}" for r in (1e-5, 1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)]
          + ["width-lstsq-r0.1-p128", "depth-r0.0001-p128", "width-obs-p128", "width-lstsq-r0.1-p32",
-            "width-none-p128", "width-lstsq-r0.01-p128", "depth-r0.0001-p32"])
+            "width-none-p128", "width-lstsq-r0.01-p128", "depth-r0.0001-p32", "depth-none-p128"])
 CALIBRATIONS = {"": (32, False), "-n128": (128, False), "-p32": (32, True), "-p128": (128, True)}  # suffix → (samples, packed)
 RIDGE = 1e-2  # of the cells that do not sweep it
 
@@ -170,12 +171,12 @@ def width_cell(loaded, batches, cell: str) -> nn.Module:
 
 
 def depth_cell(loaded, batches, cell: str) -> nn.Module:
-    settings = CompensationSettings("lstsq", depth_ridge=float(cell.split("-r")[-1]))
+    settings = None if cell == "depth-none" else CompensationSettings("lstsq", depth_ridge=float(cell.split("-r")[-1]))
     removed = sorted(removal_order(block_influences(loaded.model, loaded.adapter, batches).tolist())[:DEPTH_LAYERS])
     model, gone = structural_copy(loaded.model), 0
     for first, count in consecutive_runs(removed):
         index = first - gone
-        if index > 0:
+        if index > 0 and settings is not None:
             depth_repair(model, loaded.adapter, batches, index, settings, count).apply(model, loaded.adapter)
         for _ in range(count):
             remove_layer(model, loaded.adapter, index)
