@@ -19,7 +19,7 @@ width-only at 20% of all parameters), then repair each layer's down_proj:
 
 Cells ending in `-n128` calibrate on 128 prompts instead (the default of `mop prune`); cells ending in `-pN`
 on N packed windows of exactly 512 tokens of the joined validation text (`--calib-packed`: GPTQ's and
-SparseGPT's calibration; 32 prompts hold about 4,700 tokens, 32 windows 16,384).
+SparseGPT's calibration; 32 prompts hold about 4,700 tokens, 8 windows 4,096 and 32 windows 16,384).
 
 Depth cells (`depth-rR`) remove ShortGPT's 8 lowest-block-influence layers (20% of the parameters), repaired by
 the library's `depth_repair` with ridge R (see ablation_depth_repair.py for the map placement); `depth-none` removes
@@ -58,8 +58,9 @@ CELLS = (["width-none"] + [f"width-lstsq-r{r:g}" for r in RIDGES]
          + ["width-sequential", "width-residual", "width-obs", "width-intercept"]
          + [f"depth-r{r:g}" for r in (1e-5, 1e-4, *RIDGES)] + [f"width-lstsq-r{r:g}-n128" for r in (1e-2, 1e-1)]
          + ["width-lstsq-r0.1-p128", "depth-r0.0001-p128", "width-obs-p128", "width-lstsq-r0.1-p32",
-            "width-none-p128", "width-lstsq-r0.01-p128", "depth-r0.0001-p32", "depth-none-p128"])
-CALIBRATIONS = {"": (32, False), "-n128": (128, False), "-p32": (32, True), "-p128": (128, True)}  # suffix → (samples, packed)
+            "width-none-p128", "width-lstsq-r0.01-p128", "depth-r0.0001-p32", "depth-none-p128",
+            "width-lstsq-r0.1-p8", "depth-r0.0001-p8"])
+CALIBRATIONS = {"": (32, False), "-n128": (128, False), "-p8": (8, True), "-p32": (32, True), "-p128": (128, True)}  # suffix → (samples, packed)
 RIDGE = 1e-2  # of the cells that do not sweep it
 
 
