@@ -102,6 +102,10 @@ def cells() -> dict[str, dict]:
     # ... and the mixture at the library's default ridges (width 1e-1, depth 1e-4), by both layer criteria
     for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "mop-re": {"layer_criterion": "repair_error"}}.items():
         found[f"{stem}-lstsq-wikitext2-valid-p64"] = {**fields, **packed}
+    # ... and seeds 1 and 2 of the mixture with block influence, for the seed spread
+    for seed in (1, 2):
+        found[f"mop-bi-s{seed}-lstsq-wikitext2-valid-p64"] = {"layer_criterion": "block_influence", "seed": seed,
+                                                              **packed}
     # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
     # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
     found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
