@@ -7,17 +7,20 @@ in vLLM: pruned by a latency model timed in vLLM, and timed by `mop bench --engi
 
 Every method runs with the small recipe's pruning settings (block influence for the search's layers, the
 closed-form repair, WikiText-2 validation text) on the README job's 32 calibration prompts, so the rows differ
-by the method only. The latency model is one record per engine, `docs/study/speed/latency_model.json`
-(`latency_model_vllm.json`), taken from this machine's cache (`mop.latency.measure_latency_model`, measured when
-absent) the first time and shared by every cell, so all of them stop by the same prediction.
+by the method only; the cells ending `-p64` calibrate instead on 64 packed windows of 512 tokens at the
+library's ridges (`PACKED`), the recommended configuration. The latency model is one record per engine,
+`docs/study/speed/latency_model.json` (`latency_model_vllm.json`), taken from this machine's cache
+(`mop.latency.measure_latency_model`, measured when absent) the first time and shared by every cell, so all of
+them stop by the same prediction.
 
-A cell is one method and seed pruned in-process to the three speeds; its result is
-`docs/study/speed/<label>.json` (the settings, the equivalent `mop prune` command, per speed the predicted and
-measured speedups, size, path, perplexities, accuracies). A rerun computes only what is missing: the cells
-without a record, then the timings and tasks the records lack. Checkpoints go to `runs/speed/` (never committed).
+A cell is one method and seed pruned in-process to the three speeds (`--speedups`: a first pass at fewer, which
+a later pass resumes); its result is `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune`
+command, per speed the predicted and measured speedups, size, path, perplexities, accuracies). A rerun computes
+only what is missing: the cells without a record or a speed, then the timings and tasks the records lack.
+Checkpoints go to `runs/speed/` (never committed).
 
-    MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...] [--bench]
-                                                                 [--tasks N] [--recover study32 [--speeds S ...]]
+    MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...]
+        [--speedups S ...] [--bench] [--tasks N] [--recover study32 [--speeds S ...]]
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 # (one of 1e-2 for both kinds of repair; the defaults since are benchmarks/ablation_repair.py's)
 SHARED = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 32, "compensation_ridge": 1e-2,
           "compensation_depth_ridge": 1e-2}
+# the recommended calibration (RESULTS.md, compensation): 64 packed windows of 512 tokens of the validation text,
+# the library's ridges (width 1e-1, depth 1e-4); cells "-p64", which differ from the others by these only
+PACKED = {"calib_samples": 64, "calib_packed": True, "compensation_ridge": 1e-1, "compensation_depth_ridge": 1e-4}
 CELLS = {
     "width": {"mode": "width"},
     "shortgpt": {"method": "shortgpt"},
@@ -52,6 +58,8 @@ CELLS = {
     **{f"mop-bi-s{seed}": {"layer_criterion": "block_influence", "seed": seed} for seed in (0, 1, 2)},
     # the search with the layer criterion that ranks layers by what the depth repair leaves
     **{f"mop-re-s{seed}": {"layer_criterion": "repair_error", "seed": seed} for seed in (0, 1, 2)},
+    "width-p64": {"mode": "width", **PACKED},
+    **{f"mop-bi-s{seed}-p64": {"layer_criterion": "block_influence", "seed": seed, **PACKED} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
 # recovery name → FinetuneConfig fields: the quality study's (benchmarks/study_quality.py: LoRA SFT on Alpaca, 32
@@ -60,12 +68,13 @@ RECOVERIES = {"study32": {"max_steps": 32, "lora": {"batch_size": 16, "micro_bat
                                                     "activation_checkpointing": False}}}
 
 
-def command(fields: dict, engine: str) -> str:
+def command(fields: dict, engine: str, speedups: tuple[float, ...] = SPEEDUPS) -> str:
     options = {"method": "--method", "mode": "--mode", "layer_criterion": "--layer-criterion", "seed": "--seed",
                "compensation": "--compensation", "calib": "--calib", "calib_samples": "--calib-samples",
-               "compensation_ridge": "--compensation-ridge", "compensation_depth_ridge": "--compensation-depth-ridge"}
-    return (f"mop prune {MODEL} " + " ".join(f"--target-speedup {s}" for s in SPEEDUPS) + " "
-            + " ".join(f"{options[k]} {v}" for k, v in fields.items())
+               "compensation_ridge": "--compensation-ridge", "compensation_depth_ridge": "--compensation-depth-ridge",
+               "calib_packed": "--calib-packed"}
+    return (f"mop prune {MODEL} " + " ".join(f"--target-speedup {s}" for s in speedups) + " "
+            + " ".join(options[k] if v is True else f"{options[k]} {v}" for k, v in fields.items())
             + f" --latency-model {LATENCY_MODELS[engine].relative_to(ROOT)} --out DIR")
 
 
@@ -89,25 +98,29 @@ def latency_model_file(engine: str) -> Path:
     return path
 
 
-def prune_cell(label: str, fields: dict, engine: str) -> dict:
-    """Prune one cell to every speed and measure each checkpoint's perplexity."""
+def prune_cell(label: str, fields: dict, engine: str, speedups: tuple[float, ...], result: dict) -> dict:
+    """Prune one cell to `speedups` (resuming its search where an earlier pass stopped) and measure the perplexity
+    of each checkpoint that `result` (its record so far) lacks."""
     from mop import data
     from mop.models import load_model
     from mop.pruning import methods
     from mop.pruning.search import SearchConfig
 
-    settings = {**fields, **SHARED}
+    settings = {**SHARED, **fields}
     started = time.perf_counter()
     loaded = load_model(MODEL)
     out = RUNS / label
-    methods.prune(loaded, SearchConfig(targets=[], speedups=list(SPEEDUPS),
+    speedups = tuple(sorted({*speedups, *(s for s in SPEEDUPS if speed_name(s) in result.get("speeds", {}))}))
+    methods.prune(loaded, SearchConfig(targets=[], speedups=list(speedups),
                                        latency_model=str(latency_model_file(engine)), **settings), out)
-    prune_seconds = time.perf_counter() - started
     segments = data.text_segments(loaded.tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
-    result = {"label": label, "engine": engine, "settings": settings, "command": command(settings, engine),
-              "prune_seconds": round(prune_seconds, 1), "speeds": {}}
-    for speedup in SPEEDUPS:
+    result = {"label": label, "engine": engine, "settings": settings, "command": command(settings, engine, speedups),
+              "prune_seconds": round(result.get("prune_seconds", 0) + time.perf_counter() - started, 1),
+              "speeds": result.get("speeds", {})}
+    for speedup in speedups:
         name = speed_name(speedup)
+        if name in result["speeds"]:
+            continue
         record = json.loads((out / name / "mop.json").read_text())
         model = load_model(str(out / name)).model
         result["speeds"][name] = {
@@ -195,7 +208,7 @@ def write_report() -> None:
                   "WikiText-2 (8 / 32 segments) | ARC-e | HellaSwag | PIQA | WinoGrande | average | "
                   "WikiText-2 after the study's recovery (8 / 32) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for record in records:
+        for record in (r for r in records if name in r["speeds"]):
             row = record["speeds"][name]
             measured = (f"{row['measured_speedup']:.3f} ± {row['measured_speedup_std']:.3f}"
                         if "measured_speedup" in row else "—")
@@ -227,6 +240,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, metavar="N", help="also the four tasks on their first N documents")
     parser.add_argument("--recover", choices=sorted(RECOVERIES), help="also recover the checkpoints and measure them")
     parser.add_argument("--speeds", type=float, nargs="+", default=list(SPEEDUPS), help="the speeds --recover recovers")
+    parser.add_argument("--speedups", type=float, nargs="+", default=list(SPEEDUPS),
+                        help="a first pass at fewer speeds (a later pass at more resumes each search)")
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
     for label, fields in CELLS.items():
@@ -234,10 +249,9 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         path = DOCS / f"{label}.json"
-        if path.exists():
-            result = json.loads(path.read_text())
-        else:
-            result = prune_cell(label, fields, args.engine)
+        result = json.loads(path.read_text()) if path.exists() else {"speeds": {}}
+        if any(speed_name(s) not in result["speeds"] for s in args.speedups):
+            result = prune_cell(label, fields, args.engine, tuple(args.speedups), result)
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
