@@ -106,6 +106,11 @@ def cells() -> dict[str, dict]:
     for seed in (1, 2):
         found[f"mop-bi-s{seed}-lstsq-wikitext2-valid-p64"] = {"layer_criterion": "block_influence", "seed": seed,
                                                               **packed}
+    # ... and with a scored path on the windows: each repaired candidate's KL from the dense model on 32
+    # validation paragraphs of 256 tokens (the calibration's split, a different draw), untuned
+    found["mop-bi-kl-lstsq-wikitext2-valid-p64"] = {
+        "layer_criterion": "block_influence", "path_criterion": "kl", "tune_steps_per_iteration": 0,
+        "path_data": "wikitext2-valid", "path_samples": 32, "path_max_length": 256, **packed}
     # the mixture with a scored path, on the job's 32 prompts: the path criterion compares the repaired candidates
     # by their KL from the dense model on held-out text (C4, not the calibration text), untuned (no short tuning)
     found["mop-bi-kl-lstsq-wikitext2-valid-n32-r0.1-d0.001"] = {
