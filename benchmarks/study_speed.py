@@ -59,6 +59,7 @@ CELLS = {
     # the search with the layer criterion that ranks layers by what the depth repair leaves
     **{f"mop-re-s{seed}": {"layer_criterion": "repair_error", "seed": seed} for seed in (0, 1, 2)},
     "width-p64": {"mode": "width", **PACKED},
+    "shortgpt-p64": {"method": "shortgpt", **PACKED},
     **{f"mop-bi-s{seed}-p64": {"layer_criterion": "block_influence", "seed": seed, **PACKED} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
