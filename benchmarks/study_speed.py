@@ -60,6 +60,7 @@ CELLS = {
     **{f"mop-re-s{seed}": {"layer_criterion": "repair_error", "seed": seed} for seed in (0, 1, 2)},
     "width-p64": {"mode": "width", **PACKED},
     "shortgpt-p64": {"method": "shortgpt", **PACKED},
+    "llm-pruner-p64": {"method": "llm-pruner", **PACKED},
     **{f"mop-bi-s{seed}-p64": {"layer_criterion": "block_influence", "seed": seed, **PACKED} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
