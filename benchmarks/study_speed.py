@@ -13,14 +13,14 @@ library's ridges (`PACKED`), the recommended configuration. The latency model is
 (`mop.latency.measure_latency_model`, measured when absent) the first time and shared by every cell, so all of
 them stop by the same prediction.
 
-A cell is one method and seed pruned in-process to the three speeds (`--speedups`: a first pass at fewer, which
-a later pass resumes); its result is `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune`
+A cell is one method and seed pruned in-process to the three speeds (`--speeds`: a first pass at fewer, which a
+later pass resumes); its result is `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune`
 command, per speed the predicted and measured speedups, size, path, perplexities, accuracies). A rerun computes
 only what is missing: the cells without a record or a speed, then the timings and tasks the records lack.
 Checkpoints go to `runs/speed/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...]
-        [--speedups S ...] [--bench] [--tasks N] [--recover study32 [--speeds S ...]]
+        [--speeds S ...] [--bench] [--tasks N] [--recover study32]
 """
 
 from __future__ import annotations
@@ -241,9 +241,8 @@ def main() -> None:
     parser.add_argument("--bench", action="store_true", help="also time every checkpoint (needs a quiet machine)")
     parser.add_argument("--tasks", type=int, metavar="N", help="also the four tasks on their first N documents")
     parser.add_argument("--recover", choices=sorted(RECOVERIES), help="also recover the checkpoints and measure them")
-    parser.add_argument("--speeds", type=float, nargs="+", default=list(SPEEDUPS), help="the speeds --recover recovers")
-    parser.add_argument("--speedups", type=float, nargs="+", default=list(SPEEDUPS),
-                        help="a first pass at fewer speeds (a later pass at more resumes each search)")
+    parser.add_argument("--speeds", type=float, nargs="+", default=list(SPEEDUPS),
+                        help="the speeds this pass prunes to (a later pass at more resumes each search) and recovers")
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
     for label, fields in CELLS.items():
@@ -252,8 +251,8 @@ def main() -> None:
             continue
         path = DOCS / f"{label}.json"
         result = json.loads(path.read_text()) if path.exists() else {"speeds": {}}
-        if any(speed_name(s) not in result["speeds"] for s in args.speedups):
-            result = prune_cell(label, fields, args.engine, tuple(args.speedups), result)
+        if any(speed_name(s) not in result["speeds"] for s in args.speeds):
+            result = prune_cell(label, fields, args.engine, tuple(args.speeds), result)
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
