@@ -17,7 +17,8 @@ A cell is one method and seed pruned in-process to the three speeds (`--speeds`:
 later pass resumes); its result is `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune`
 command, per speed the predicted and measured speedups, size, path, perplexities, accuracies). A rerun computes
 only what is missing: the cells without a record or a speed, then the timings and tasks the records lack.
-Checkpoints go to `runs/speed/` (never committed).
+Checkpoints go to `runs/speed/` (never committed); where a record's are gone, a timing, task or recovery pass
+prunes them again and checks them against the record's perplexity.
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...]
         [--speeds S ...] [--bench] [--tasks N] [--recover study32]
@@ -131,6 +132,19 @@ def prune_cell(label: str, fields: dict, engine: str, speedups: tuple[float, ...
             **perplexities(model, segments),
         }
     return result
+
+
+def rebuild_cell(label: str, fields: dict, engine: str, result: dict, speedups: list[float]) -> None:
+    """Prune again the checkpoints at `speedups` of a cell whose record holds them but whose runs/speed folder is
+    gone (another machine, a cleaned checkout): the search is deterministic, so the same settings give the same
+    models. Each must reproduce its record's perplexity on 8 segments (to 0.1%), or the cell stops here."""
+    rebuilt = prune_cell(label, fields, engine, tuple(speedups), {"speeds": {}})
+    for name, measured in rebuilt["speeds"].items():
+        recorded = result["speeds"][name]["ppl8"]
+        if abs(measured["ppl8"] - recorded) > 1e-3 * recorded:
+            raise SystemExit(f"{label}: {name} pruned again has perplexity {measured['ppl8']:.2f}, its record "
+                             f"{recorded:.2f}; remove runs/speed/{label} and its record to prune it afresh")
+        print(f"{label}: {name} pruned again, perplexity {measured['ppl8']:.2f} as recorded", flush=True)
 
 
 def perplexities(model, segments: list) -> dict[str, float]:
@@ -256,10 +270,9 @@ def main() -> None:
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
-        if args.bench or args.tasks or args.recover:
-            if not (RUNS / label).is_dir():
-                print(f"{label}: its checkpoints are gone (runs/speed/{label}); remove its record to prune again")
-                continue
+        if (args.bench or args.tasks or args.recover) and not (RUNS / label).is_dir():
+            rebuild_cell(label, fields, args.engine, result, [s for s in args.speeds
+                                                              if speed_name(s) in result["speeds"]])
         if args.bench:
             bench_cell(result)
         if args.tasks:

@@ -23,6 +23,26 @@ def test_embedded_model_is_smollm2(smollm2_dir):
     assert loaded.model.config.tie_word_embeddings
 
 
+def test_conversion_finished_by_another_process_is_reused(smollm2_dir, tmp_path, monkeypatch):
+    """Two runs that start together on a fresh machine both convert the GGUF: the one that renames second keeps
+    the first one's directory and leaves no partial copy behind."""
+    from mop.models import loading
+
+    monkeypatch.setenv("MOP_CACHE_DIR", str(tmp_path))
+    target = tmp_path / "smollm2-135m"
+    real = loading.AutoTokenizer.from_pretrained
+
+    def tokenizer_while_another_process_finishes(*args, **kwargs):
+        target.mkdir()  # the other process's rename lands while this one is still converting
+        (target / "config.json").write_text("{}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", tokenizer_while_another_process_finishes)
+    assert loading.embedded_model_dir("smollm2-135m") == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+
+
 def test_prune_smollm2_cli_end_to_end(smollm2_dir, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(["mop", "prune", "smollm2-135m", "--target", "0.1", "--seed", "0", "--calib-samples", "32",

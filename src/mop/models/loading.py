@@ -65,11 +65,16 @@ def embedded_model_dir(name: str) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model.config.name_or_path = name
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: runs may start together
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial)  # another process converted it first: its copy is the same
     return target
 
 
