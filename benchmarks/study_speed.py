@@ -17,8 +17,8 @@ A cell is one method and seed pruned in-process to the three speeds (`--speeds`:
 later pass resumes); its result is `docs/study/speed/<label>.json` (the settings, the equivalent `mop prune`
 command, per speed the predicted and measured speedups, size, path, perplexities, accuracies). A rerun computes
 only what is missing: the cells without a record or a speed, then the timings and tasks the records lack.
-Checkpoints go to `runs/speed/` (never committed); where a record's are gone, a timing, task or recovery pass
-prunes them again and checks them against the record's perplexity.
+Checkpoints go to `runs/speed/` (never committed); where a record's are gone, a pass that needs them (more
+speeds, timings, tasks, recovery) prunes them again and checks them against the record's perplexity.
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_speed.py [--engine vllm] [--only LABEL ...]
         [--speeds S ...] [--bench] [--tasks N] [--recover study32]
@@ -265,14 +265,17 @@ def main() -> None:
             continue
         path = DOCS / f"{label}.json"
         result = json.loads(path.read_text()) if path.exists() else {"speeds": {}}
-        if any(speed_name(s) not in result["speeds"] for s in args.speeds):
+        prune_more = any(speed_name(s) not in result["speeds"] for s in args.speeds)
+        if result["speeds"] and not (RUNS / label).is_dir() and (prune_more or args.bench or args.tasks
+                                                                 or args.recover):
+            recorded = [s for s in SPEEDUPS if speed_name(s) in result["speeds"]]
+            rebuild_cell(label, fields, args.engine, result,
+                         recorded if prune_more else [s for s in args.speeds if s in recorded])
+        if prune_more:
             result = prune_cell(label, fields, args.engine, tuple(args.speeds), result)
             save(result)
         print(label, " ".join(f"{n}: {v['predicted_speedup']:.3f}x {v['ppl8']:.2f}" for n, v in
                               result["speeds"].items()), flush=True)
-        if (args.bench or args.tasks or args.recover) and not (RUNS / label).is_dir():
-            rebuild_cell(label, fields, args.engine, result, [s for s in args.speeds
-                                                              if speed_name(s) in result["speeds"]])
         if args.bench:
             bench_cell(result)
         if args.tasks:
