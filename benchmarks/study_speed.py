@@ -137,14 +137,16 @@ def prune_cell(label: str, fields: dict, engine: str, speedups: tuple[float, ...
 def rebuild_cell(label: str, fields: dict, engine: str, result: dict, speedups: list[float]) -> None:
     """Prune again the checkpoints at `speedups` of a cell whose record holds them but whose runs/speed folder is
     gone (another machine, a cleaned checkout): the search is deterministic, so the same settings give the same
-    models. Each must reproduce its record's perplexity on 8 segments (to 0.1%), or the cell stops here."""
+    models. Each must reproduce its record's perplexities (to 0.1%), or the cell stops here."""
     rebuilt = prune_cell(label, fields, engine, tuple(speedups), {"speeds": {}})
     for name, measured in rebuilt["speeds"].items():
-        recorded = result["speeds"][name]["ppl8"]
-        if abs(measured["ppl8"] - recorded) > 1e-3 * recorded:
-            raise SystemExit(f"{label}: {name} pruned again has perplexity {measured['ppl8']:.2f}, its record "
-                             f"{recorded:.2f}; remove runs/speed/{label} and its record to prune it afresh")
-        print(f"{label}: {name} pruned again, perplexity {measured['ppl8']:.2f} as recorded", flush=True)
+        for key in (f"ppl{n}" for n in SEGMENTS):
+            recorded = result["speeds"][name][key]
+            if abs(measured[key] - recorded) > 1e-3 * recorded:
+                raise SystemExit(f"{label}: {name} pruned again has {key} {measured[key]:.2f}, its record "
+                                 f"{recorded:.2f}; remove runs/speed/{label} and its record to prune it afresh")
+        print(f"{label}: {name} pruned again, perplexity {measured['ppl8']:.2f} / {measured['ppl32']:.2f} as "
+              "recorded", flush=True)
 
 
 def perplexities(model, segments: list) -> dict[str, float]:
