@@ -103,8 +103,9 @@ def cells() -> dict[str, dict]:
     for stem, fields in {"mop-bi": {"layer_criterion": "block_influence"}, "mop-re": {"layer_criterion": "repair_error"}}.items():
         found[f"{stem}-lstsq-wikitext2-valid-p64"] = {**fields, **packed}
     # ... and the mixture on 128 windows (65,536 tokens), where the one-shot ablation's depth repair gained most
-    found["mop-bi-lstsq-wikitext2-valid-p128"] = {"layer_criterion": "block_influence", **packed,
-                                                  "calib_samples": 128}
+    for seed in (0, 1, 2):
+        found[f"mop-bi{f'-s{seed}' if seed else ''}-lstsq-wikitext2-valid-p128"] = {
+            "layer_criterion": "block_influence", **({"seed": seed} if seed else {}), **packed, "calib_samples": 128}
     # ... and seeds 1 and 2 of the mixture with block influence, for the seed spread
     for seed in (1, 2):
         found[f"mop-bi-s{seed}-lstsq-wikitext2-valid-p64"] = {"layer_criterion": "block_influence", "seed": seed,
