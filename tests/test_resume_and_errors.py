@@ -3,6 +3,7 @@ one-line error, a non-zero exit, and leaves the output directory as it was."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,58 @@ def test_killed_run_resumes_to_bitwise_identical_result(tiny_dirs, tmp_path, rep
     kill_part_way(prune_command(tiny_dirs["llama-gqa"], resumed, *args), resumed, iterations_logged(whole))
     subprocess.run(prune_command(tiny_dirs["llama-gqa"], resumed, *args), check=True, capture_output=True)
     assert_same_run(whole, resumed, ["target-20", "target-55"])
+
+
+REPAIRED = {"compensation": "lstsq", "calib": "wikitext2-valid", "calib_samples": 8, "calib_max_length": 64,
+            "seed": 3}
+
+
+def repaired_run(directory: Path, out: Path, targets: list[float]) -> None:
+    Search(load_model(str(directory)), SearchConfig(targets=targets, **REPAIRED), out).run()
+
+
+def count_repairs(monkeypatch) -> list[int]:
+    """A list that grows by one for every repair computed from here on."""
+    import mop.pruning.compensation as compensation
+    import mop.pruning.search as search
+
+    calls, fit = [], compensation.repair_for
+    for module in (compensation, search):  # a cut's repair, a width candidate's
+        monkeypatch.setattr(module, "repair_for", lambda *args, **kwargs: calls.append(1) or fit(*args, **kwargs))
+    return calls
+
+
+def test_repaired_run_resumes_from_its_saved_weights(tiny_dirs, tmp_path, monkeypatch):
+    """A repaired run extended to a higher target loads the weights it saved after its last iteration instead of
+    repairing its logged iterations again (a calibration pass each): it computes the new iterations' repairs only,
+    and ends bitwise where an uninterrupted run does."""
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    repaired_run(tiny_dirs["llama-gqa"], whole, [0.2, 0.45])
+    repaired_run(tiny_dirs["llama-gqa"], extended, [0.2])
+    logged = iterations_logged(extended)
+    assert (extended / "resume.safetensors").is_file() and 2 <= logged < iterations_logged(whole)
+    repairs = count_repairs(monkeypatch)
+    repaired_run(tiny_dirs["llama-gqa"], extended, [0.2, 0.45])
+    assert len(repairs) == iterations_logged(whole) - logged
+    assert_same_run(whole, extended, ["target-20", "target-45"])
+
+
+@pytest.mark.parametrize("case", ["target added below", "saved weights gone"])
+def test_repaired_run_replays_its_repairs_where_it_must(tiny_dirs, tmp_path, monkeypatch, case):
+    """A target added below the saved iteration needs the weights of its own iteration: the replay repairs the
+    iterations up to it, then cuts bare up to the saved weights. Without them, it repairs every iteration again.
+    Either way bitwise the uninterrupted run."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    repaired_run(tiny_dirs["llama-gqa"], whole, [0.2, 0.45])
+    first = json.loads((whole / "run.json").read_text())["targets"]["target-20"]["iteration"]
+    repaired_run(tiny_dirs["llama-gqa"], resumed, [0.2, 0.45] if case == "saved weights gone" else [0.45])
+    if case == "saved weights gone":
+        (resumed / "resume.safetensors").unlink()
+        shutil.rmtree(resumed / "target-20")  # a checkpoint to write again, at iteration `first`
+    repairs = count_repairs(monkeypatch)
+    repaired_run(tiny_dirs["llama-gqa"], resumed, [0.2, 0.45])
+    assert len(repairs) == (first if case == "target added below" else iterations_logged(whole))
+    assert_same_run(whole, resumed, ["target-20", "target-45"])
 
 
 def test_rerunning_a_finished_run_changes_nothing(tiny_dirs, tmp_path):

@@ -82,6 +82,9 @@ class Repair:
                 linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=grad)
 
 
+NO_REPAIR = Repair()  # `cut(..., repair=NO_REPAIR)`: the bare cut, whatever the settings
+
+
 class _Stop(Exception):
     """Raised by a hook once the last layer a pass needs has run."""
 

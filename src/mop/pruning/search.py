@@ -16,8 +16,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mop import data
-from mop.pruning.compensation import (METHODS as COMPENSATIONS, CompensationSettings, Repair, compensation_record, cut,
-                                     recorded_width_moments, repair_for)
+from mop.pruning.compensation import (METHODS as COMPENSATIONS, NO_REPAIR, CompensationSettings, Repair,
+                                     compensation_record, cut, recorded_width_moments, repair_for)
 from mop.pruning.criteria import (LAYER_CRITERIA, PATH_CRITERIA, WIDTH_CRITERIA, WIDTH_CRITERIA_READING_MOMENTS,
                                   PathReference, build_reference, coin)
 from mop.errors import MopError
@@ -346,15 +346,16 @@ class Search:
             record["compensation"] = compensation
         return record
 
-    def replay(self, record: dict) -> None:
-        """Apply a logged iteration again (resume): the same indices give bitwise the same weights."""
-        removed = record["removed"]
+    def replay(self, record: dict, repaired: bool = True) -> None:
+        """Apply a logged iteration again (resume): the same indices give bitwise the same weights. Not
+        `repaired`: the cut alone, which gives the shapes only (the weights come from the resume point)."""
+        removed, repair = record["removed"], None if repaired else NO_REPAIR
         if record["choice"] == "W":
-            self._cut(self.model, width=removed)
+            self._cut(self.model, width=removed, repair=repair)
             self.carry = record["width_plan"]["carry_out"]
             self.neuron_carry = record["width_plan"].get("neuron_carry_out", 0.0)  # absent from older runs: 0
         else:
-            self._cut(self.model, layer=removed["layer"])
+            self._cut(self.model, layer=removed["layer"], repair=repair)
         if count_params(self.model) != record["params"]:
             raise MopError(f"{self.out}/run.json does not replay on this model (iteration {record['iteration']})")
 
@@ -367,8 +368,11 @@ class Search:
                   "original_embedding_params": self.embedding_params, "versions": versions(),
                   **({} if self.latency is None else {"latency_model": self.latency.record()})}
         state = RunState.open(self.out, self.identity, header)
+        first, resume = self._replay_plan(state)
         for iteration, record in enumerate(state.iterations, 1):
-            self.replay(record)
+            self.replay(record, repaired=not first <= iteration <= resume)
+            if iteration == resume:
+                state.load_resume_point(self.model)
             self._save_reached(state, iteration)  # a target added since, or one a kill left unwritten
         targets = self.config.every_target
         bar = tqdm(total=round(100 * max(self.config.targets, default=0), 1) or None,
@@ -382,12 +386,26 @@ class Search:
             state.iterations.append(record)
             state.save()  # the iteration before its checkpoints: a kill from here on replays it, then writes them
             self._save_reached(state, iteration)
+            if self.config.compensation_settings.enabled:  # its replay would repeat every repair's calibration pass
+                state.save_resume_point(self.model, iteration)
             done = round(100 * self.compression(record["params"]), 1)
             bar.update(min(done, bar.total or done) - bar.n)
             bar.set_postfix(path="".join(r["choice"] for r in state.iterations),
                             **({"speedup": f"{record['predicted_speedup']:.2f}x"} if self.latency else {}))
         bar.close()
         return state
+
+    def _replay_plan(self, state: RunState) -> tuple[int, int]:
+        """The logged iterations `first`..`resume` a resume replays as bare cuts, then loads the resume point's
+        weights (`resume.safetensors`, after iteration `resume`) instead of recomputing their repairs; (1, 0): none,
+        every iteration replays with its repair. The bare cuts start after the last iteration at which a checkpoint
+        is still to be written (a target added since, or one a kill left unwritten), which needs its weights."""
+        resume = state.resume_point()
+        unwritten = [t for t in self.config.every_target if t.name not in state.targets]
+        writes = [next((i for i, record in enumerate(state.iterations[:resume], 1)
+                        if self.goals.may_have_reached(target, record)), 0) for target in unwritten]
+        first = max(writes, default=0) + 1
+        return (first, resume) if first <= resume else (1, 0)
 
     def _save_reached(self, state: RunState, iteration: int) -> None:
         """Write a checkpoint for each target that the current model, F^(iteration), reaches and that has none

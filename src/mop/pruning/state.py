@@ -1,24 +1,33 @@
-"""The run directory: `run.json` (identity, iteration log, targets written) and one checkpoint per target.
+"""The run directory: `run.json` (identity, iteration log, targets written), one checkpoint per target and,
+for a run whose steps are repaired, `resume.safetensors`: the current model's weights after a logged iteration.
 
 `run.json` is the only record of what is done, rewritten atomically after every iteration and every checkpoint.
 Whatever a kill leaves behind is repaired when the run is opened again: `.partial` leftovers and checkpoints
 that `run.json` does not list are removed (the run writes them again, from the same replayed weights), and a
 listed checkpoint that is gone is written again. So an interrupted run, rerun, ends with the same files as one
-that was never interrupted.
+that was never interrupted. The resume point only saves time: a replay recomputes every repair (a calibration
+pass each), where the saved weights are read back instead, bitwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
 from mop.errors import MopError
 from mop.provenance import write_json_atomic
 
 RUN_FILE = "run.json"
+RESUME_FILE = "resume.safetensors"  # the model's weights after iteration `metadata["iteration"]`
 PARTIAL = ".partial"  # suffix of what is being written (mop.models.save_checkpoint, write_json_atomic)
 CHECKPOINT_NAME = re.compile(r"(target|speedup)-\d+")  # a compression target's checkpoint, a speed target's
 
@@ -86,3 +95,31 @@ class RunState:
     def save(self) -> None:
         write_json_atomic(self.path, {"identity": self.identity, "header": self.header,
                                       "iterations": self.iterations, "targets": dict(sorted(self.targets.items()))})
+
+    def _identity_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+
+    def save_resume_point(self, model: nn.Module, iteration: int) -> None:
+        """Write `model`'s weights, those after logged `iteration`, to `resume.safetensors` (atomically)."""
+        path = self.directory / RESUME_FILE
+        partial = path.with_name(path.name + PARTIAL)
+        save_model(model, str(partial), metadata={"iteration": str(iteration), "identity": self._identity_sha256()})
+        os.replace(partial, path)
+
+    def resume_point(self) -> int:
+        """The logged iteration whose weights `resume.safetensors` holds; 0 when there is none for this run."""
+        path = self.directory / RESUME_FILE
+        if not path.is_file():
+            return 0
+        with safe_open(str(path), framework="pt") as saved:
+            metadata = saved.metadata() or {}
+        iteration = int(metadata.get("iteration", 0))
+        return iteration if metadata.get("identity") == self._identity_sha256() and iteration <= len(self.iterations) else 0
+
+    def load_resume_point(self, model: nn.Module) -> None:
+        """Load the weights of `resume.safetensors` into `model`, which has their shapes (the iterations up to its
+        resume point replayed without their repairs)."""
+        device = next(model.parameters()).device
+        missing, unexpected = load_model(model, str(self.directory / RESUME_FILE), strict=False, device=str(device))
+        if missing or unexpected:
+            raise MopError(f"{self.directory / RESUME_FILE} does not fit the replayed model; remove it to replay")

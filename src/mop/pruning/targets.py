@@ -103,6 +103,13 @@ class Goals:
             return self.speedup(shape) >= target.value
         return params <= self.goal(target.value)
 
+    def may_have_reached(self, target: Target, record: dict) -> bool:
+        """Whether the model after a logged iteration (its `record` in run.json) reaches `target`; True where the
+        record cannot say (a record without the predicted speedup, for a speed target)."""
+        if target.kind == "speedup":
+            return record.get("predicted_speedup", math.inf) >= target.value
+        return record["params"] <= self.goal(target.value)
+
     def needed(self, target: Target, shape: LayerShape) -> tuple[float, UnitCosts | None]:
         """What a one-shot cut of the dense model (layers of `shape`) must remove to reach `target`: parameters
         (costs None: units cost their parameters), or predicted seconds, units costing their seconds."""
