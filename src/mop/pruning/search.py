@@ -368,10 +368,10 @@ class Search:
                   "original_embedding_params": self.embedding_params, "versions": versions(),
                   **({} if self.latency is None else {"latency_model": self.latency.record()})}
         state = RunState.open(self.out, self.identity, header)
-        first, resume = self._replay_plan(state)
+        bare = self._bare_replays(state)
         for iteration, record in enumerate(state.iterations, 1):
-            self.replay(record, repaired=not first <= iteration <= resume)
-            if iteration == resume:
+            self.replay(record, repaired=iteration not in bare)
+            if bare and iteration == bare[-1]:
                 state.load_resume_point(self.model)
             self._save_reached(state, iteration)  # a target added since, or one a kill left unwritten
         targets = self.config.every_target
@@ -395,17 +395,16 @@ class Search:
         bar.close()
         return state
 
-    def _replay_plan(self, state: RunState) -> tuple[int, int]:
-        """The logged iterations `first`..`resume` a resume replays as bare cuts, then loads the resume point's
-        weights (`resume.safetensors`, after iteration `resume`) instead of recomputing their repairs; (1, 0): none,
-        every iteration replays with its repair. The bare cuts start after the last iteration at which a checkpoint
-        is still to be written (a target added since, or one a kill left unwritten), which needs its weights."""
+    def _bare_replays(self, state: RunState) -> range:
+        """The logged iterations a resume replays as bare cuts, without their repairs, before it loads the weights
+        saved after the last of them (`resume.safetensors`); empty: every iteration replays with its repair. They
+        start after the last iteration at which a checkpoint is still to be written (a target added since, or one
+        a kill left unwritten), which needs that iteration's weights."""
         resume = state.resume_point()
         unwritten = [t for t in self.config.every_target if t.name not in state.targets]
         writes = [next((i for i, record in enumerate(state.iterations[:resume], 1)
                         if self.goals.may_have_reached(target, record)), 0) for target in unwritten]
-        first = max(writes, default=0) + 1
-        return (first, resume) if first <= resume else (1, 0)
+        return range(max(writes, default=0) + 1, resume + 1)
 
     def _save_reached(self, state: RunState, iteration: int) -> None:
         """Write a checkpoint for each target that the current model, F^(iteration), reaches and that has none
