@@ -8,9 +8,10 @@ target the size, path, perplexities and the mean reconstruction errors, and the 
 the cells whose file is missing. Checkpoints go to `runs/compensation/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_compensation.py [--only LABEL ...] [--device cuda]
-                                                                        [--workers N] [--recover kd24] [--tasks N]
+                                                                        [--workers N] [--recover kd24|study32] [--tasks N]
 
-`--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again;
+`--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again,
+`--recover study32` with the quality study's;
 `--tasks N` adds the four tasks on their first N documents to every finished cell whose checkpoints are still here.
 
 Everything but the compensation and the calibration text is the defaults of `mop prune` (the paper's AMP on
@@ -50,6 +51,10 @@ RECOVERIES = {
     # the README job's budget: KD from the dense model on C4, 24 steps of 8 segments of 256 tokens, LoRA rate 2e-3
     "kd24": {"method": "kd", "max_steps": 24,
              "lora": {"learning_rate": 2e-3, "batch_size": 8, "max_length": 256, "activation_checkpointing": False}},
+    # the quality study's (benchmarks/study_quality.py): LoRA SFT on Alpaca, 32 steps of 16 rows of at most 256
+    # tokens, the paper's learning rate
+    "study32": {"max_steps": 32, "lora": {"batch_size": 16, "micro_batch_size": 8, "max_length": 256,
+                                          "activation_checkpointing": False}},
 }
 
 
@@ -150,14 +155,14 @@ def target_name(target: float) -> str:
     return f"target-{round(100 * target)}"
 
 
-def recover(checkpoint: Path, recovery: str, device: str, segments: list, recoveries: dict = RECOVERIES) -> dict:
-    """Recover `checkpoint` by `recoveries[recovery]` (into a sibling folder `<name>-<recovery>`) and measure its
+def recover(checkpoint: Path, recovery: str, device: str, segments: list) -> dict:
+    """Recover `checkpoint` by `RECOVERIES[recovery]` (into a sibling folder `<name>-<recovery>`) and measure its
     perplexity on the first n of `segments` for each n in SEGMENTS."""
     from mop.evaluation.perplexity import segments_perplexity
     from mop.models import load_model
     from mop.training.recovery import FinetuneConfig, finetune, recovery_lora
 
-    fields = dict(recoveries[recovery])
+    fields = dict(RECOVERIES[recovery])
     config = FinetuneConfig(**{k: v for k, v in fields.items() if k != "lora"},
                             lora=recovery_lora(str(checkpoint), **fields["lora"]))
     out = checkpoint.with_name(f"{checkpoint.name}-{recovery}")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from study_compensation import RECOVERIES, recover  # this folder's runner of the compensation study
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "study" / "speed"
 RUNS = ROOT / "runs" / "speed"
@@ -65,10 +67,6 @@ CELLS = {
     **{f"mop-bi-s{seed}-p64": {"layer_criterion": "block_influence", "seed": seed, **PACKED} for seed in (0, 1, 2)},
 }
 BENCH = {"runs": 5, "warmup": 1}  # the protocol's runs per checkpoint, alternating with the dense model
-# recovery name → FinetuneConfig fields: the quality study's (benchmarks/study_quality.py: LoRA SFT on Alpaca, 32
-# steps of 16 rows of at most 256 tokens, the paper's learning rate)
-RECOVERIES = {"study32": {"max_steps": 32, "lora": {"batch_size": 16, "micro_batch_size": 8, "max_length": 256,
-                                                    "activation_checkpointing": False}}}
 
 
 def command(fields: dict, engine: str, speedups: tuple[float, ...] = SPEEDUPS) -> str:
@@ -196,10 +194,10 @@ def task_cell(result: dict, limit: int) -> None:
 
 
 def recover_cell(result: dict, recovery: str, speedups: list[float]) -> None:
-    """Recover each checkpoint of `result` at `speedups` by RECOVERIES[recovery] and measure its perplexity."""
+    """Recover each checkpoint of `result` at `speedups` by RECOVERIES[recovery] (study_compensation) and measure
+    its perplexity."""
     from mop import data
     from mop.models import load_model
-    from study_compensation import recover  # this folder's runner of the compensation study
 
     segments = data.text_segments(load_model(MODEL).tokenizer, data.perplexity_text("wikitext2"), 2048, max(SEGMENTS))
     for speedup in speedups:
@@ -207,7 +205,7 @@ def recover_cell(result: dict, recovery: str, speedups: list[float]) -> None:
         if recovery in measured.get("recovered", {}):
             continue
         checkpoint = RUNS / result["label"] / speed_name(speedup)
-        measured.setdefault("recovered", {})[recovery] = recover(checkpoint, recovery, "cpu", segments, RECOVERIES)
+        measured.setdefault("recovered", {})[recovery] = recover(checkpoint, recovery, "cpu", segments)
         save(result)
 
 
