@@ -115,6 +115,16 @@ def cells() -> dict[str, dict]:
     for seed in (1, 2):
         found[f"mop-bi-s{seed}-lstsq-wikitext2-valid-p64"] = {"layer_criterion": "block_influence", "seed": seed,
                                                               **packed}
+    # ... and every method on the same windows without and with the repair, so that the windows have a table of
+    # their own (seed 0 of the mixture is the unsuffixed label above; width-only's repaired cell is the
+    # "-r0.1-d0.001" one above, whose depth ridge a width step never uses)
+    for stem, (fields, seeds) in METHODS.items():
+        for seed in seeds:
+            for compensation in ("none", "lstsq"):
+                label = f"{stem}{f'-s{seed}' if seed else ''}-{compensation}-wikitext2-valid-p64"
+                if label != "width-lstsq-wikitext2-valid-p64":
+                    found.setdefault(label, {**fields, **({"seed": seed} if seed else {}), **packed,
+                                             "compensation": compensation})
     # ... and with a scored path on the windows: each repaired candidate's KL from the dense model on 32
     # validation paragraphs of 256 tokens (the calibration's split, a different draw), untuned
     found["mop-bi-kl-lstsq-wikitext2-valid-p64"] = {
