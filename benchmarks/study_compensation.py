@@ -8,7 +8,7 @@ target the size, path, perplexities and the mean reconstruction errors, and the 
 the cells whose file is missing. Checkpoints go to `runs/compensation/` (never committed).
 
     MOP_DATA_DIR=../shared/data python benchmarks/study_compensation.py [--only LABEL ...] [--device cuda]
-                                                                        [--workers N] [--recover kd24|study32] [--tasks N]
+        [--workers N] [--recover kd24|study32] [--tasks N]
 
 `--recover kd24` also recovers each target with the README job's KD budget (RECOVERIES) and measures it again,
 `--recover study32` with the quality study's;
